@@ -58,6 +58,15 @@ def _as_config(value, default: dict, name: str) -> PretrainedConfig:
     return AutoConfig.for_model(model_type, **value)
 
 
+# Which class each Auto class loads from a saved folder (the remote-code files are copied beside config.json).
+AUTO_MAP = {
+    "AutoConfig": "configuration_flashsloth.FlashSlothConfig",
+    "AutoModel": "modeling_flashsloth.FlashSlothModel",
+    "AutoModelForCausalLM": "modeling_flashsloth.FlashSlothForConditionalGeneration",
+    "AutoModelForImageTextToText": "modeling_flashsloth.FlashSlothForConditionalGeneration",
+}
+
+
 class FlashSlothConfig(PretrainedConfig):
     r"""
     Configuration of a FlashSloth model: a SigLIP vision encoder whose 27x27 patch grid is compressed by Spatial
@@ -138,6 +147,7 @@ class FlashSlothConfig(PretrainedConfig):
         self.num_crops = num_crops
         self.pooling_dropout = pooling_dropout
         self.lm_head_bias = lm_head_bias
+        kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         self._validate_flashsloth()
 
@@ -190,5 +200,7 @@ class FlashSlothConfig(PretrainedConfig):
         if problems:
             raise ValueError("Invalid FlashSlothConfig: " + "; ".join(problems) + ".")
 
+
+FlashSlothConfig.register_for_auto_class()
 
 __all__ = ["FlashSlothConfig"]

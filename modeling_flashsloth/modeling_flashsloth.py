@@ -148,13 +148,16 @@ def build_query_block_layout(
     queries_per_sample = query_token_mask.sum(dim=1)
     if not bool(query_token_mask.any()):
         return None
-    if bool((queries_per_sample % num_query_tokens).any()):
+    query_positions = query_token_mask.flatten().nonzero().squeeze(1)
+    if bool((queries_per_sample % num_query_tokens).any()) or bool(
+        (query_positions.view(-1, num_query_tokens).diff(dim=1) != 1).any()
+    ):
         raise ValueError(
-            f"Every query block must hold exactly {num_query_tokens} query tokens (id {config.query_token_id}); got "
-            f"{queries_per_sample.tolist()} per sample. Build the inputs with the FlashSloth processor, which expands "
-            "each query placeholder."
+            f"Every query block must hold exactly {num_query_tokens} consecutive query tokens (id "
+            f"{config.query_token_id}); got {queries_per_sample.tolist()} query tokens per sample. Build the inputs "
+            "with the FlashSloth processor, which expands each query placeholder."
         )
-    query_positions = query_token_mask.flatten().nonzero().squeeze(1).view(-1, num_query_tokens)
+    query_positions = query_positions.view(-1, num_query_tokens)
     block_starts = query_positions[:, 0]
     block_sample = block_starts // sequence_length
     block_position = block_starts % sequence_length
@@ -658,6 +661,9 @@ class FlashSlothForConditionalGeneration(FlashSlothPreTrainedModel, GenerationMi
             image_hidden_states=outputs.image_hidden_states,
         )
 
+
+FlashSlothModel.register_for_auto_class("AutoModel")
+FlashSlothForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 
 __all__ = [
     "FlashSlothPreTrainedModel",
