@@ -116,3 +116,16 @@ def collate(samples, padding_side: str = "left"):
         "pixel_values": torch.cat([sample["pixel_values"] for sample in samples]),
         "image_num_crops": torch.tensor(sum((sample["image_num_crops"] for sample in samples), []), dtype=torch.long),
     }
+
+
+def tiny_model_for_processor(processor, seed: int = 0) -> FlashSlothForConditionalGeneration:
+    """A tiny random model whose vocabulary and placeholder ids match a tiny processor (see processing_helpers)."""
+    text_config = tiny_config().text_config.to_dict()
+    text_config.update(vocab_size=len(processor.tokenizer), pad_token_id=processor.tokenizer.pad_token_id)
+    return tiny_model(
+        seed,
+        text_config=text_config,
+        image_token_id=processor.image_token_id,
+        query_token_id=processor.query_token_id,
+        pad_token_id=processor.tokenizer.pad_token_id,
+    )
