@@ -1,6 +1,7 @@
 """Tiny random-weight FlashSloth models and hand-built inputs for fast tests."""
 
 import torch
+from transformers import GenerationConfig
 
 from flashsloth import FlashSlothConfig, FlashSlothForConditionalGeneration
 
@@ -129,3 +130,33 @@ def tiny_model_for_processor(processor, seed: int = 0) -> FlashSlothForCondition
         query_token_id=processor.query_token_id,
         pad_token_id=processor.tokenizer.pad_token_id,
     )
+
+
+def tiny_generation_config(processor, **overrides) -> GenerationConfig:
+    """
+    Greedy generation settings for a tiny checkpoint: stop on `<|endoftext|>` and on `</s>` (the end of an assistant
+    turn), pad with the tokenizer's padding token, never generate the image or query placeholders.
+    """
+    tokenizer = processor.tokenizer
+    values = dict(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("</s>")],
+        pad_token_id=tokenizer.pad_token_id,
+        suppress_tokens=[processor.image_token_id, processor.query_token_id],
+        do_sample=False,
+        max_new_tokens=6,
+    )
+    values.update(overrides)
+    return GenerationConfig(**values)
+
+
+def save_tiny_checkpoint(directory, processor, seed: int = 0) -> FlashSlothForConditionalGeneration:
+    """
+    Save a complete tiny checkpoint (model, generation config, processor) into `directory`, loadable with the Auto
+    classes and `pipeline(..., trust_remote_code=True)`. Returns the in-memory model.
+    """
+    model = tiny_model_for_processor(processor, seed=seed)
+    model.generation_config = tiny_generation_config(processor)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return model

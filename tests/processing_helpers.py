@@ -4,18 +4,16 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from flashsloth.processing import add_flashsloth_tokens, build_processor
+from parity_helpers import PARITY_DIR, PHI2_TOKENIZER_DIR, SHARED_DIR, require_shared  # noqa: F401 (re-exported)
 
 
-SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
-PHI2_TOKENIZER_DIR = SHARED_DIR / "tokenizers" / "phi-2"
 PROCESSOR_FIXTURES_DIR = SHARED_DIR / "fixtures" / "processor"
-PARITY_FIXTURES_DIR = SHARED_DIR / "fixtures" / "parity"
+PARITY_FIXTURES_DIR = PARITY_DIR
 
 TINY_CORPUS = [
     "A chat between a curious user and an artificial intelligence assistant.",
@@ -59,13 +57,6 @@ def make_tiny_tokenizer(vocab_size: int = 320, model_max_length: int = 2048) -> 
 def make_tiny_processor(**build_kwargs):
     """`build_processor` on a fresh tiny tokenizer; `build_kwargs` go to `build_processor`."""
     return build_processor(make_tiny_tokenizer(), **build_kwargs)
-
-
-def require_shared(path: Path) -> Path:
-    """Skip the test when a file of ../shared is absent (the data is not part of the repository)."""
-    if not path.exists():
-        pytest.skip(f"shared test data not available: {path}")
-    return path
 
 
 def phi2_processor(**build_kwargs):
