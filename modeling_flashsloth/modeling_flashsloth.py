@@ -442,17 +442,19 @@ class FlashSlothModel(FlashSlothPreTrainedModel):
     ) -> torch.Tensor:
         """Run EmbQ on every query block and write the new query states back into `hidden_states`."""
         batch_size, sequence_length, hidden_size = hidden_states.shape
+        device = hidden_states.device  # with a device map, the decoder may live elsewhere than the vision tower
         flat_states = hidden_states.reshape(batch_size * sequence_length, hidden_size)
-        vision_features = vision_features.reshape(-1, vision_features.shape[-1]).to(hidden_states.device)
+        vision_features = vision_features.reshape(-1, vision_features.shape[-1]).to(device, hidden_states.dtype)
+        query_positions = layout.query_positions.to(device)
         new_query_states = self.embedded_query(
-            query_states=flat_states[layout.query_positions],
-            text_states=flat_states[layout.text_positions],
-            text_mask=layout.text_mask,
-            vision_features=vision_features[layout.image_rows].to(hidden_states.dtype),
-            image_mask=layout.image_mask,
+            query_states=flat_states[query_positions],
+            text_states=flat_states[layout.text_positions.to(device)],
+            text_mask=layout.text_mask.to(device),
+            vision_features=vision_features[layout.image_rows.to(device)],
+            image_mask=layout.image_mask.to(device),
         )
         flat_states = flat_states.index_copy(
-            0, layout.query_positions.flatten(), new_query_states.reshape(-1, hidden_size).to(flat_states.dtype)
+            0, query_positions.flatten(), new_query_states.reshape(-1, hidden_size).to(flat_states.dtype)
         )
         return flat_states.view(batch_size, sequence_length, hidden_size)
 
