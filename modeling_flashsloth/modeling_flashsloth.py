@@ -601,6 +601,33 @@ class FlashSlothForConditionalGeneration(FlashSlothPreTrainedModel, GenerationMi
     def get_image_features(self, pixel_values: torch.FloatTensor) -> FlashSlothImageFeatures:
         return self.model.get_image_features(pixel_values)
 
+    def _expand_inputs_for_generation(
+        self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs
+    ):
+        """
+        Beam search and `num_return_sequences` repeat every sample `expand_size` times. `pixel_values` and
+        `image_num_crops` are per crop and per image, not per sample: repeat each sample's crops and images as one
+        block (the generic expansion would interleave single crops: A, B -> A, A, B, B).
+        """
+        pixel_values = model_kwargs.get("pixel_values")
+        if expand_size == 1 or input_ids is None or pixel_values is None or pixel_values.shape[0] == 0:
+            return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
+        pixel_values = model_kwargs.pop("pixel_values")
+        image_num_crops = self.model._resolve_image_num_crops(
+            model_kwargs.pop("image_num_crops", None), pixel_values.shape[0], input_ids.device
+        )
+        crops_per_sample = (input_ids == self.config.image_token_id).sum(dim=1) // self.config.image_tokens_per_crop
+        image_sample = torch.searchsorted(crops_per_sample.cumsum(0), image_num_crops.cumsum(0))
+        images_per_sample = torch.bincount(image_sample, minlength=input_ids.shape[0])
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        sample_crops = pixel_values.split(crops_per_sample.tolist())
+        sample_images = image_num_crops.split(images_per_sample.tolist())
+        model_kwargs["pixel_values"] = torch.cat([crops for crops in sample_crops for _ in range(expand_size)])
+        model_kwargs["image_num_crops"] = torch.cat([images for images in sample_images for _ in range(expand_size)])
+        return input_ids, model_kwargs
+
     @can_return_tuple
     def forward(
         self,

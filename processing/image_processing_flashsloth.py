@@ -114,6 +114,13 @@ def _load_image_source(source: str) -> Image.Image:
         ) from error
     except (OSError, ValueError) as error:
         raise ValueError(f"Could not read the image {source[:200]!r}: {error}") from error
+    except Exception as error:  # network failures (the HTTP client's own errors) when `source` is a URL
+        if not source.startswith(("http://", "https://")):
+            raise
+        raise ValueError(
+            f"Could not read the image {source[:200]!r}: {error}. Check the network, or download the image and "
+            "pass a local path or a PIL image (offline, only local images work)."
+        ) from error
 
 
 def _pil_to_rgb(image: Image.Image) -> Image.Image:

@@ -154,12 +154,6 @@ def test_beam_search_returns_the_requested_sequences(model, inputs):
     assert len({tuple(row.tolist()) for row in output.sequences}) == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="generate() expands pixel_values crop by crop (repeat_interleave), so with several crops per prompt the "
-    "copies for num_return_sequences / num_beams read the wrong crops; needs FlashSloth's own "
-    "_expand_inputs_for_generation",
-)
 def test_multiple_return_sequences_see_their_own_crops(model, processor):
     # Expanding a prompt into several sequences (sampling or beams) must give every copy the prompt's crops in
     # order (here two images; an HD image alone has 5 crops), not each crop repeated in place.

@@ -98,7 +98,9 @@ def test_generate_kwargs_reach_generate(pipe, checkpoint):
     messages = chat("What is in the picture?", [noise_image(70, 50)])
     kwargs = {"do_sample": True, "temperature": 3.0, "top_k": 0}
     torch.manual_seed(0)
-    (result,) = pipe(text=messages, max_new_tokens=MAX_NEW_TOKENS, return_full_text=False, generate_kwargs=kwargs)
+    (result,) = pipe(
+        text=messages, max_new_tokens=MAX_NEW_TOKENS, return_full_text=False, generate_kwargs=dict(kwargs)
+    )
     torch.manual_seed(0)
     assert result["generated_text"] == reference_answer(checkpoint, messages, **kwargs)
     assert result["generated_text"] != reference_answer(checkpoint, messages)
@@ -116,7 +118,7 @@ def test_batched_mixed_requests_equal_each_request_alone(pipe, checkpoint):
         chat("Describe both.", [noise_image(50, 150, seed=9), noise_image(150, 50, seed=10)]),
     ]
     results = pipe(text=requests, batch_size=4, max_new_tokens=MAX_NEW_TOKENS, return_full_text=False)
-    assert [result["generated_text"] for result in results] == [
+    assert [result["generated_text"] for (result,) in results] == [
         reference_answer(checkpoint, request) for request in requests
     ]
 
