@@ -1,22 +1,24 @@
-"""The `flashsloth` command: ask a FlashSloth checkpoint about images, or chat with it, from the terminal.
+"""The `flashsloth` command: ask a FlashSloth checkpoint about images, chat with it, and the subcommands of the
+other parts of the package (each lives in its own module and registers itself through `SUBCOMMAND_MODULES`).
 
 torch and transformers are imported only when a command runs, so `flashsloth --help` and argument errors are instant.
 """
 
 import argparse
+import importlib
 import os
 import sys
 import threading
 
+from .cli_errors import EXIT_USAGE_ERROR, CliError
 
-EXIT_USAGE_ERROR = 2
+
+# Modules with `add_commands(subparsers)`: each adds its subparsers and sets `handler=function(args)` as default.
+SUBCOMMAND_MODULES = (
+)
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_CHOICES = ("sdpa", "eager", "flash_attention_2")
 CHAT_EXIT_HINT = "One message per line; an empty line or end of input (Ctrl-D) ends the chat; '/image PATH' adds an image to the next message."
-
-
-class CliError(Exception):
-    """A user-facing error: printed as one line to stderr, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
         dest="images",
         help="An image file for the first message; repeat the option for several images.",
     )
+    ask.set_defaults(handler=run_ask)
+    chat.set_defaults(handler=run_chat)
+    for module_name in SUBCOMMAND_MODULES:
+        importlib.import_module(module_name, __package__).add_commands(commands)
     return parser
 
 
@@ -227,10 +233,7 @@ def run_chat(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "ask":
-            run_ask(args)
-        else:
-            run_chat(args)
+        args.handler(args)
     except CliError as error:
         print(f"flashsloth: error: {error}", file=sys.stderr)
         return EXIT_USAGE_ERROR

@@ -1,0 +1,1 @@
+"""Training FlashSloth on transformers' Trainer: LLaVA-format data, the paper's two stages, LoRA, several processes."""
