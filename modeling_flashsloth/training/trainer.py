@@ -1,0 +1,215 @@
+"""Train FlashSloth on transformers' `Trainer`: the paper's stages, LoRA, resuming, the final HF-native folder.
+
+Everything the `Trainer` offers works as usual through the training arguments: gradient accumulation, bf16/fp16,
+activation (gradient) checkpointing, schedulers, logging, evaluation, and several processes under `torchrun` or
+`accelerate launch` (DDP; DeepSpeed/FSDP through their `TrainingArguments` fields).
+"""
+
+import json
+import os
+import re
+from pathlib import Path
+
+from torch import nn
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging
+
+from .data import FlashSlothDataCollator
+from .lora import add_query_tokens_to_adapter, apply_lora, lora_config, merge_lora, save_adapter
+from .stages import configure_trainable, format_trainable_table, stage_groups
+
+
+logger = logging.get_logger(__name__)
+
+TRAINER_STATE_NAME = "trainer_state.json"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+ADAPTER_FOLDER = "adapter"
+_CHECKPOINT_PATTERN = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+def is_complete_checkpoint(checkpoint_dir: str | os.PathLike) -> bool:
+    """
+    Whether a `checkpoint-N` folder was written to the end. The `Trainer` writes the weights, optimizer, scheduler
+    and RNG states first and `trainer_state.json` last, so a readable state file for step N beside the weights means
+    the save finished; a process killed mid-save leaves it missing or cut short.
+    """
+    folder = Path(checkpoint_dir)
+    match = _CHECKPOINT_PATTERN.match(folder.name)
+    if match is None or not folder.is_dir() or not any((folder / name).is_file() for name in WEIGHT_FILES):
+        return False
+    try:
+        state = json.loads((folder / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and state.get("global_step") == int(match.group(1))
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The `checkpoint-N` folder of `output_dir` with the highest N that was saved completely, or `None`."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    steps = sorted(
+        (int(match.group(1)), path)
+        for path in folder.iterdir()
+        if (match := _CHECKPOINT_PATTERN.match(path.name)) and path.is_dir()
+    )
+    for step, path in reversed(steps):
+        if is_complete_checkpoint(path):
+            return str(path)
+        logger.warning(f"Skipping {path}: its save did not finish (the run was interrupted while writing it).")
+    return None
+
+
+def resolve_checkpoint(resume_from_checkpoint: bool | str | os.PathLike | None, output_dir: str) -> str | None:
+    """`True`: the last complete checkpoint of `output_dir` (error if none); a path: that checkpoint, checked."""
+    if resume_from_checkpoint is None or resume_from_checkpoint is False:
+        return None
+    if resume_from_checkpoint is True:
+        checkpoint = last_complete_checkpoint(output_dir)
+        if checkpoint is None:
+            raise ValueError(
+                f"No complete checkpoint to resume from in {output_dir}; start without resuming, or pass the path "
+                "of a checkpoint folder."
+            )
+        return checkpoint
+    checkpoint = Path(resume_from_checkpoint)
+    if not checkpoint.is_dir():
+        raise FileNotFoundError(f"Checkpoint folder not found: {checkpoint}.")
+    if not is_complete_checkpoint(checkpoint):
+        raise ValueError(
+            f"{checkpoint} is not a complete `{PREFIX_CHECKPOINT_DIR}-N` folder (no readable {TRAINER_STATE_NAME} "
+            "for its step, or no weights); resume from an earlier checkpoint."
+        )
+    return str(checkpoint)
+
+
+def _is_peft_model(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+class FlashSlothTrainer(Trainer):
+    """
+    `Trainer` with two FlashSloth additions: length-grouped batching reads the dataset's `lengths` (an estimate from
+    [`LlavaDataset`], no tokenising of the whole dataset), and LoRA checkpoints also hold the query tokens.
+    """
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        lengths = getattr(dataset, "lengths", None)
+        if self.args.train_sampling_strategy == "group_by_length" and lengths is not None:
+            return LengthGroupedSampler(
+                self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=list(lengths)
+            )
+        return super()._get_train_sampler(train_dataset)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None):
+        super()._save(output_dir, state_dict)
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if self.args.should_save and _is_peft_model(model):
+            add_query_tokens_to_adapter(model, output_dir if output_dir is not None else self.args.output_dir)
+
+
+def build_training_arguments(output_dir: str | os.PathLike, **training_arguments) -> TrainingArguments:
+    """`TrainingArguments` with the defaults FlashSloth needs (overridable): keep the collator's columns, no
+    experiment trackers, labels named `labels`, and DDP tolerant of text-only batches (which leave SAP, the
+    projector, EmbQ and the query tokens without gradients on some ranks)."""
+    values = dict(
+        remove_unused_columns=False,
+        report_to="none",
+        label_names=["labels"],
+        ddp_find_unused_parameters=True,
+    )
+    values.update(training_arguments)
+    if values.get("train_sampling_strategy") == "batch_rebalance":
+        raise ValueError("`train_sampling_strategy='batch_rebalance'` is not supported; use 'group_by_length'.")
+    return TrainingArguments(output_dir=str(output_dir), **values)
+
+
+def save_trained_model(model: nn.Module, processor, output_dir: str | os.PathLike):
+    """Write the trained model and its processor as an HF-native checkpoint folder (config, weights, generation
+    config, processor, remote code) that loads with `AutoModelForImageTextToText` and `AutoProcessor`."""
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+
+
+def train(
+    model: nn.Module,
+    processor,
+    train_dataset,
+    output_dir: str | os.PathLike,
+    *,
+    stage: int,
+    train_vision_tower: bool = False,
+    lora=None,
+    eval_dataset=None,
+    max_length: int | None = None,
+    resume_from_checkpoint: bool | str | os.PathLike | None = None,
+    callbacks: list | None = None,
+    **training_arguments,
+) -> nn.Module:
+    """
+    Train a FlashSloth model in one of the paper's stages and save the result into `output_dir`.
+
+    Args:
+        model: a [`FlashSlothForConditionalGeneration`] (float32 weights: bf16/fp16 training uses autocast).
+        processor: its [`FlashSlothProcessor`]; batches are built with it and it is saved with the model.
+        train_dataset: a [`LlavaDataset`] (or any dataset of `{"messages", "images"}` items).
+        output_dir: where `checkpoint-N` folders and the final model go.
+        stage: 1 (SAP + projector) or 2 (SAP, projector, query tokens, EmbQ, language model, lm_head).
+        train_vision_tower: stage 2 of the HD variant: also train the vision encoder.
+        lora: stage 2 with LoRA adapters on the language model instead of training it fully: `True` for the default
+            [`lora_config`], or a peft `LoraConfig`. The adapter (with SAP, projector, EmbQ and query tokens) is
+            saved in `output_dir/adapter`, the merged model in `output_dir`.
+        eval_dataset: optional evaluation dataset (set `eval_strategy` to use it).
+        max_length: longest sample in tokens; a longer one stops training with an error naming it.
+        resume_from_checkpoint: `True` to continue from the last completely saved `checkpoint-N` of `output_dir`
+            (incomplete ones, from a run killed while saving, are skipped), or a checkpoint folder.
+        callbacks: extra `TrainerCallback`s.
+        **training_arguments: any `TrainingArguments` field, e.g. `num_train_epochs`, `max_steps`,
+            `per_device_train_batch_size`, `gradient_accumulation_steps`, `learning_rate`, `warmup_ratio`,
+            `lr_scheduler_type`, `bf16`, `fp16`, `activation_checkpointing`, `train_sampling_strategy=
+            "group_by_length"`, `save_steps`, `logging_steps`, `seed`, `deepspeed`, `fsdp`.
+
+    Returns:
+        The trained model (merged into a plain FlashSloth model when trained with LoRA).
+    """
+    if lora and stage != 2:
+        raise ValueError("LoRA adapts the language model, which only stage 2 trains: pass stage=2 with lora.")
+    args = build_training_arguments(output_dir, **training_arguments)
+    checkpoint = resolve_checkpoint(resume_from_checkpoint, args.output_dir)
+
+    if lora:
+        stage_groups(stage, train_vision_tower)  # validates the stage
+        config = lora_config(train_vision_tower=train_vision_tower) if lora is True else lora
+        model = apply_lora(model, config)
+    else:
+        configure_trainable(model, stage, train_vision_tower)
+    trainer = FlashSlothTrainer(
+        model=model,
+        args=args,
+        data_collator=FlashSlothDataCollator(processor, max_length=max_length),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=processor,
+        callbacks=callbacks,
+    )
+    if trainer.is_world_process_zero():
+        logger.info(f"Training stage {stage}{' with LoRA' if lora else ''}:\n{format_trainable_table(model)}")
+
+    text_config = (model.get_base_model() if _is_peft_model(model) else model).config.text_config
+    use_cache = text_config.use_cache
+    text_config.use_cache = False  # no KV cache while training
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    finally:
+        text_config.use_cache = use_cache
+
+    if _is_peft_model(model):
+        save_adapter(model, Path(args.output_dir) / ADAPTER_FOLDER, is_main_process=trainer.is_world_process_zero())
+        model = merge_lora(model)
+    if trainer.is_world_process_zero():
+        save_trained_model(model, processor, args.output_dir)
+    return model
