@@ -26,6 +26,7 @@ logger = logging.get_logger(__name__)
 TRAINER_STATE_NAME = "trainer_state.json"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
 ADAPTER_FOLDER = "adapter"
+MODEL_FOLDER = "model"
 _CHECKPOINT_PATTERN = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
@@ -128,11 +129,60 @@ def build_training_arguments(output_dir: str | os.PathLike, **training_arguments
     return TrainingArguments(output_dir=str(output_dir), **values)
 
 
-def save_trained_model(model: nn.Module, processor, output_dir: str | os.PathLike):
-    """Write the trained model and its processor as an HF-native checkpoint folder (config, weights, generation
-    config, processor, remote code) that loads with `AutoModelForImageTextToText` and `AutoProcessor`."""
-    model.save_pretrained(output_dir)
-    processor.save_pretrained(output_dir)
+def save_trained_model(model: nn.Module, processor, model_dir: str | os.PathLike, run_name: str | None = None) -> Path:
+    """
+    Write the trained model and its processor as an HF-native checkpoint folder (config, weights, generation config
+    that stops on `</s>`, processor, chat template, remote code, model card), atomically: it loads with
+    `AutoModelForImageTextToText` / `AutoProcessor` and `trust_remote_code=True` like a converted checkpoint.
+    """
+    from flashsloth.conversion import save_native_checkpoint
+
+    name = run_name or Path(model_dir).name
+    return save_native_checkpoint(
+        model, processor, model_dir, force=True, model_card_context={"model_name": name, "repo_id": name}
+    )
+
+
+def build_trainer(
+    model: nn.Module,
+    processor,
+    train_dataset,
+    output_dir: str | os.PathLike,
+    *,
+    stage: int,
+    train_vision_tower: bool = False,
+    lora=None,
+    eval_dataset=None,
+    max_length: int | None = None,
+    callbacks: list | None = None,
+    **training_arguments,
+) -> FlashSlothTrainer:
+    """
+    Set a model up for `stage` (freezing, or LoRA wrapping) and build its [`FlashSlothTrainer`]; the arguments are
+    those of [`train`]. `trainer.model` is the model to train (a `PeftModel` with LoRA). Logs the table of trainable
+    parameters.
+    """
+    if lora and stage != 2:
+        raise ValueError("LoRA adapts the language model, which only stage 2 trains: pass stage=2 with lora.")
+    args = build_training_arguments(output_dir, **training_arguments)
+    if lora:
+        stage_groups(stage, train_vision_tower)  # validates the stage
+        config = lora_config(train_vision_tower=train_vision_tower) if lora is True else lora
+        model = apply_lora(model, config)
+    else:
+        configure_trainable(model, stage, train_vision_tower)
+    trainer = FlashSlothTrainer(
+        model=model,
+        args=args,
+        data_collator=FlashSlothDataCollator(processor, max_length=max_length),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=processor,
+        callbacks=callbacks,
+    )
+    if trainer.is_world_process_zero():
+        logger.info(f"Training stage {stage}{' with LoRA' if lora else ''}:\n{format_trainable_table(model)}")
+    return trainer
 
 
 def train(
@@ -151,18 +201,21 @@ def train(
     **training_arguments,
 ) -> nn.Module:
     """
-    Train a FlashSloth model in one of the paper's stages and save the result into `output_dir`.
+    Train a FlashSloth model in one of the paper's stages and save the result.
+
+    `output_dir` is the run folder: `checkpoint-N` folders while training, the final model in `output_dir/model`
+    (an HF-native checkpoint folder) and, with LoRA, the adapter in `output_dir/adapter`.
 
     Args:
         model: a [`FlashSlothForConditionalGeneration`] (float32 weights: bf16/fp16 training uses autocast).
         processor: its [`FlashSlothProcessor`]; batches are built with it and it is saved with the model.
         train_dataset: a [`LlavaDataset`] (or any dataset of `{"messages", "images"}` items).
-        output_dir: where `checkpoint-N` folders and the final model go.
+        output_dir: the run folder.
         stage: 1 (SAP + projector) or 2 (SAP, projector, query tokens, EmbQ, language model, lm_head).
         train_vision_tower: stage 2 of the HD variant: also train the vision encoder.
         lora: stage 2 with LoRA adapters on the language model instead of training it fully: `True` for the default
-            [`lora_config`], or a peft `LoraConfig`. The adapter (with SAP, projector, EmbQ and query tokens) is
-            saved in `output_dir/adapter`, the merged model in `output_dir`.
+            [`lora_config`], or a peft `LoraConfig`. SAP, projector, EmbQ and the query tokens train fully and are
+            saved with the adapter; the final model is the merged one.
         eval_dataset: optional evaluation dataset (set `eval_strategy` to use it).
         max_length: longest sample in tokens; a longer one stops training with an error naming it.
         resume_from_checkpoint: `True` to continue from the last completely saved `checkpoint-N` of `output_dir`
@@ -176,29 +229,21 @@ def train(
     Returns:
         The trained model (merged into a plain FlashSloth model when trained with LoRA).
     """
-    if lora and stage != 2:
-        raise ValueError("LoRA adapts the language model, which only stage 2 trains: pass stage=2 with lora.")
-    args = build_training_arguments(output_dir, **training_arguments)
-    checkpoint = resolve_checkpoint(resume_from_checkpoint, args.output_dir)
-
-    if lora:
-        stage_groups(stage, train_vision_tower)  # validates the stage
-        config = lora_config(train_vision_tower=train_vision_tower) if lora is True else lora
-        model = apply_lora(model, config)
-    else:
-        configure_trainable(model, stage, train_vision_tower)
-    trainer = FlashSlothTrainer(
-        model=model,
-        args=args,
-        data_collator=FlashSlothDataCollator(processor, max_length=max_length),
-        train_dataset=train_dataset,
+    trainer = build_trainer(
+        model,
+        processor,
+        train_dataset,
+        output_dir,
+        stage=stage,
+        train_vision_tower=train_vision_tower,
+        lora=lora,
         eval_dataset=eval_dataset,
-        processing_class=processor,
+        max_length=max_length,
         callbacks=callbacks,
+        **training_arguments,
     )
-    if trainer.is_world_process_zero():
-        logger.info(f"Training stage {stage}{' with LoRA' if lora else ''}:\n{format_trainable_table(model)}")
-
+    checkpoint = resolve_checkpoint(resume_from_checkpoint, trainer.args.output_dir)
+    model = trainer.model
     text_config = (model.get_base_model() if _is_peft_model(model) else model).config.text_config
     use_cache = text_config.use_cache
     text_config.use_cache = False  # no KV cache while training
@@ -207,9 +252,13 @@ def train(
     finally:
         text_config.use_cache = use_cache
 
+    run_dir = Path(trainer.args.output_dir)
+    is_main_process = trainer.is_world_process_zero()
     if _is_peft_model(model):
-        save_adapter(model, Path(args.output_dir) / ADAPTER_FOLDER, is_main_process=trainer.is_world_process_zero())
+        save_adapter(model, run_dir / ADAPTER_FOLDER, is_main_process=is_main_process)
         model = merge_lora(model)
-    if trainer.is_world_process_zero():
-        save_trained_model(model, processor, args.output_dir)
+    if is_main_process:
+        path = save_trained_model(model, processor, run_dir / MODEL_FOLDER, run_name=run_dir.name)
+        logger.info(f"Saved the trained model to {path}.")
+    trainer.accelerator.wait_for_everyone()
     return model
