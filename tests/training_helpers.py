@@ -1,12 +1,17 @@
-"""Tiny LLaVA-format data, processor and model for the training tests; also a script for the multi-process test.
+"""Tiny LLaVA-format data, processor and model for the training tests; also a script for subprocess tests.
 
-As a script (`python -m torch.distributed.run --nproc_per_node=2 tests/training_helpers.py OUT`), every rank trains
-the same tiny model on the same data and writes `OUT/rank-<r>.json` with the hash of its final parameters and the
-losses it logged.
+- `python -m torch.distributed.run --nproc_per_node=2 tests/training_helpers.py distributed OUT`: every rank trains
+  the same tiny model on the same data and writes `OUT/rank-<r>.json` with the hash of its final parameters, the
+  losses it logged and its step count.
+- `python tests/training_helpers.py kill-during-save OUT`: trains with a checkpoint every 2 steps and kills itself
+  (SIGKILL) halfway through writing the `trainer_state.json` of `checkpoint-4`.
 """
 
+import dataclasses
 import hashlib
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -102,16 +107,26 @@ def logged_losses(log_history: list[dict]) -> list[float]:
     return [entry["loss"] for entry in log_history if "loss" in entry]
 
 
+# Training arguments of the subprocess runs: tiny, fast, deterministic, one CPU thread per process.
+SUBPROCESS_ARGUMENTS = dict(
+    per_device_train_batch_size=2,
+    learning_rate=3e-3,
+    logging_steps=1,
+    use_cpu=True,
+    disable_tqdm=True,
+    dataloader_num_workers=0,
+    lr_scheduler_type="constant",
+)
+
+
 def _distributed_main(output_dir: Path):
     from transformers import TrainerCallback
 
     from flashsloth.training.data import LlavaDataset
     from flashsloth.training.trainer import train
 
-    torch.set_num_threads(1)
     processor = tiny_processor()
     model = tiny_training_model(processor)
-    dataset = LlavaDataset(llava_records(8))
 
     class RecordRank(TrainerCallback):
         def on_train_end(self, args, state, control, model=None, **kwargs):
@@ -121,21 +136,47 @@ def _distributed_main(output_dir: Path):
     train(
         model,
         processor,
-        dataset,
+        LlavaDataset(llava_records(8)),
         output_dir / "run",
         stage=2,
         callbacks=[RecordRank()],
         max_steps=6,
-        per_device_train_batch_size=2,
-        learning_rate=3e-3,
-        logging_steps=1,
         save_strategy="no",
-        use_cpu=True,
         ddp_backend="gloo",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
+        **SUBPROCESS_ARGUMENTS,
+    )
+
+
+def _kill_during_save_main(output_dir: Path):
+    from transformers.trainer_callback import TrainerState
+
+    from flashsloth.training.data import LlavaDataset
+    from flashsloth.training.trainer import train
+
+    def save_to_json_then_die(state, json_path):
+        text = json.dumps(dataclasses.asdict(state), indent=2, sort_keys=True)
+        if state.global_step == 4:  # die halfway through writing checkpoint-4's state, as a kill -9 would
+            with open(json_path, "w", encoding="utf-8") as file:
+                file.write(text[: len(text) // 2])
+                file.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        original_save_to_json(state, json_path)
+
+    original_save_to_json = TrainerState.save_to_json
+    TrainerState.save_to_json = save_to_json_then_die
+    processor = tiny_processor()
+    train(
+        tiny_training_model(processor),
+        processor,
+        LlavaDataset(llava_records(8)),
+        output_dir,
+        stage=1,
+        max_steps=6,
+        save_steps=2,
+        **SUBPROCESS_ARGUMENTS,
     )
 
 
 if __name__ == "__main__":
-    _distributed_main(Path(sys.argv[1]))
+    torch.set_num_threads(1)
+    {"distributed": _distributed_main, "kill-during-save": _kill_during_save_main}[sys.argv[1]](Path(sys.argv[2]))

@@ -76,6 +76,8 @@ def _check_paths(args: argparse.Namespace):
         raise CliError(f"image folder not found: {args.images}")
     if args.train_vision_tower and args.stage != 2:
         raise CliError("--train-vision-tower belongs to stage 2 (--stage 2)")
+    if not 0 <= args.warmup_ratio < 1:
+        raise CliError(f"--warmup-ratio must be at least 0 and below 1, got {args.warmup_ratio}")
     if (args.lora or args.qlora) and args.stage != 2:
         raise CliError("--lora/--qlora adapt the language model, which only stage 2 trains (--stage 2)")
 
@@ -138,7 +140,7 @@ def run_train(args: argparse.Namespace):
             per_device_train_batch_size=args.batch_size,
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             learning_rate=args.lr if args.lr is not None else DEFAULT_LEARNING_RATES[args.stage],
-            warmup_ratio=args.warmup_ratio,
+            warmup_steps=args.warmup_ratio,  # a value below 1 is a fraction of the steps
             lr_scheduler_type=args.lr_scheduler,
             weight_decay=args.weight_decay,
             bf16=args.bf16,

@@ -16,6 +16,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
+from ..conversion import default_generation_config, save_native_checkpoint
 from .data import FlashSlothDataCollator
 from .lora import add_query_tokens_to_adapter, apply_lora, lora_config, merge_lora, save_adapter
 from .stages import configure_trainable, format_trainable_table, stage_groups
@@ -135,8 +136,6 @@ def save_trained_model(model: nn.Module, processor, model_dir: str | os.PathLike
     that stops on `</s>`, processor, chat template, remote code, model card), atomically: it loads with
     `AutoModelForImageTextToText` / `AutoProcessor` and `trust_remote_code=True` like a converted checkpoint.
     """
-    from flashsloth.conversion import save_native_checkpoint
-
     name = run_name or Path(model_dir).name
     return save_native_checkpoint(
         model, processor, model_dir, force=True, model_card_context={"model_name": name, "repo_id": name}
@@ -222,7 +221,7 @@ def train(
             (incomplete ones, from a run killed while saving, are skipped), or a checkpoint folder.
         callbacks: extra `TrainerCallback`s.
         **training_arguments: any `TrainingArguments` field, e.g. `num_train_epochs`, `max_steps`,
-            `per_device_train_batch_size`, `gradient_accumulation_steps`, `learning_rate`, `warmup_ratio`,
+            `per_device_train_batch_size`, `gradient_accumulation_steps`, `learning_rate`, `warmup_steps` (below 1: a fraction),
             `lr_scheduler_type`, `bf16`, `fp16`, `activation_checkpointing`, `train_sampling_strategy=
             "group_by_length"`, `save_steps`, `logging_steps`, `seed`, `deepspeed`, `fsdp`.
 
@@ -257,6 +256,8 @@ def train(
     if _is_peft_model(model):
         save_adapter(model, run_dir / ADAPTER_FOLDER, is_main_process=is_main_process)
         model = merge_lora(model)
+    # The generation settings the saved folder gets (stop on `</s>` too), so that the returned model answers alike.
+    model.generation_config = default_generation_config(processor)
     if is_main_process:
         path = save_trained_model(model, processor, run_dir / MODEL_FOLDER, run_name=run_dir.name)
         logger.info(f"Saved the trained model to {path}.")
