@@ -105,6 +105,10 @@ class FlashSlothConfig(PretrainedConfig):
             Dropout between the two SAP score layers, active in training only.
         lm_head_bias (`bool`, *optional*, defaults to `True`):
             Whether the language modeling head has a bias (Phi-2 has one, Llama-family decoders do not).
+        pooling_type (`str`, *optional*, defaults to `"attention"`):
+            `"attention"` (SAP) or `"average"` (plain mean of each window; an ablation, not a released model).
+        use_embedded_query (`bool`, *optional*, defaults to `True`):
+            Whether EmbQ refines the query tokens; `False` keeps the learned query tokens as they are (an ablation).
     """
 
     model_type = "flashsloth"
@@ -127,6 +131,8 @@ class FlashSlothConfig(PretrainedConfig):
         num_crops: int = 1,
         pooling_dropout: float = 0.1,
         lm_head_bias: bool = True,
+        pooling_type: str = "attention",
+        use_embedded_query: bool = True,
         tie_word_embeddings: bool = False,
         **kwargs,
     ):
@@ -147,6 +153,8 @@ class FlashSlothConfig(PretrainedConfig):
         self.num_crops = num_crops
         self.pooling_dropout = pooling_dropout
         self.lm_head_bias = lm_head_bias
+        self.pooling_type = pooling_type
+        self.use_embedded_query = use_embedded_query
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         self._validate_flashsloth()
@@ -177,6 +185,8 @@ class FlashSlothConfig(PretrainedConfig):
                 f"pooling_window={self.pooling_window} must divide the patch grid side {self.patch_grid_size} "
                 "(image_size // patch_size)"
             )
+        if self.pooling_type not in ("attention", "average"):
+            problems.append(f"pooling_type={self.pooling_type!r} is not one of 'attention', 'average'")
         if self.projector_type not in ("mlp2x_gelu", "linear"):
             problems.append(f"projector_type={self.projector_type!r} is not one of 'mlp2x_gelu', 'linear'")
         if not 0 <= self.query_layer_index < self.text_config.num_hidden_layers:

@@ -226,21 +226,25 @@ def eager_attention_forward(
 
 class FlashSlothSpatialAttentionPooling(nn.Module):
     """Spatial Attention Pooling: one token per window, the softmax-weighted sum of its patches, with the weights
-    scored by a small MLP per patch."""
+    scored by a small MLP per patch. With `pooling_type="average"` (an ablation) every patch weighs the same."""
 
     def __init__(self, config: FlashSlothConfig):
         super().__init__()
         vision_hidden_size = config.vision_config.hidden_size
         self.grid_size = config.patch_grid_size
         self.window_size = config.pooling_window
-        self.fc1 = nn.Linear(vision_hidden_size, vision_hidden_size)
-        self.act = nn.ReLU()
-        self.dropout = nn.Dropout(config.pooling_dropout)
-        self.fc2 = nn.Linear(vision_hidden_size, 1)
+        if config.pooling_type == "attention":
+            self.fc1 = nn.Linear(vision_hidden_size, vision_hidden_size)
+            self.act = nn.ReLU()
+            self.dropout = nn.Dropout(config.pooling_dropout)
+            self.fc2 = nn.Linear(vision_hidden_size, 1)
 
     def forward(self, vision_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         windows = window_partition(vision_features, self.grid_size, self.window_size)
-        scores = self.fc2(self.dropout(self.act(self.fc1(windows)))).squeeze(-1)
+        if hasattr(self, "fc1"):
+            scores = self.fc2(self.dropout(self.act(self.fc1(windows)))).squeeze(-1)
+        else:
+            scores = windows.new_zeros(windows.shape[:-1])
         return attention_pool(windows, scores)
 
 
@@ -385,7 +389,7 @@ class FlashSlothModel(FlashSlothPreTrainedModel):
         self.spatial_pooling = FlashSlothSpatialAttentionPooling(config)
         self.multi_modal_projector = FlashSlothMultiModalProjector(config)
         self.query_tokens = nn.Parameter(torch.zeros(config.num_query_tokens, config.text_config.hidden_size))
-        self.embedded_query = FlashSlothEmbeddedQuery(config)
+        self.embedded_query = FlashSlothEmbeddedQuery(config) if config.use_embedded_query else None
         self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
 
@@ -504,7 +508,8 @@ class FlashSlothModel(FlashSlothPreTrainedModel):
             image_features = self.get_image_features(pixel_values)
             inputs_embeds = self.insert_image_embeddings(input_ids, inputs_embeds, image_features.image_embeds)
             image_num_crops = self._resolve_image_num_crops(image_num_crops, pixel_values.shape[0], input_ids.device)
-            query_layout = build_query_block_layout(input_ids, instruction_mask, image_num_crops, self.config)
+            if self.embedded_query is not None:
+                query_layout = build_query_block_layout(input_ids, instruction_mask, image_num_crops, self.config)
 
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config.text_config)

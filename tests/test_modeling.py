@@ -336,3 +336,31 @@ def test_full_size_parameter_count_matches_the_paper():
     assert abs(parameters - 3.2e9) / 3.2e9 < 0.01, parameters
     assert model.model.vision_tower.config.num_hidden_layers == 27
     assert len(model.model.vision_tower.encoder.layers) == 26
+
+
+def test_average_pooling_ablation_takes_the_mean_of_each_window():
+    model = tiny_model(pooling_type="average")
+    assert not hasattr(model.model.spatial_pooling, "fc1")
+    vision_features = torch.randn(2, 36, model.config.vision_config.hidden_size)
+    pooled, weights = model.model.spatial_pooling(vision_features)
+    windows = window_partition(vision_features, grid_size=6, window_size=3)
+    torch.testing.assert_close(pooled, windows.mean(dim=2))
+    torch.testing.assert_close(weights, torch.full_like(weights, 1 / 9))
+
+
+def test_model_without_embq_leaves_query_tokens_unrefined():
+    with_embq, without_embq = tiny_model(seed=3), tiny_model(seed=3, use_embedded_query=False)
+    assert without_embq.model.embedded_query is None
+    assert "embedded_query" not in "".join(without_embq.state_dict())
+    without_embq.load_state_dict(with_embq.state_dict(), strict=False)
+    batch = collate([make_sample([(1, 1, 4, True)], seed=2)])
+    # Zeroing EmbQ's output projection makes it a no-op: the model without EmbQ must then give the same logits.
+    with torch.no_grad():
+        with_embq.model.embedded_query.up_proj.weight.zero_()
+        with_embq.model.embedded_query.up_proj.bias.zero_()
+        torch.testing.assert_close(without_embq(**batch).logits, with_embq(**batch).logits)
+
+
+def test_unknown_pooling_type_is_a_clear_error():
+    with pytest.raises(ValueError, match="pooling_type='max'"):
+        tiny_config(pooling_type="max")
