@@ -16,6 +16,7 @@ from .cli_errors import EXIT_USAGE_ERROR, CliError
 # Modules with `add_commands(subparsers)`: each adds its subparsers and sets `handler=function(args)` as default.
 SUBCOMMAND_MODULES = (
     "flashsloth.training.cli",
+    "flashsloth.conversion.cli",
 )
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_CHOICES = ("sdpa", "eager", "flash_attention_2")

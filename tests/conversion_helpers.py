@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import sentencepiece
@@ -124,11 +125,35 @@ def make_llama(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
+RELEASED_ADDED_TOKENS = {"<learnable>": 50295, "</s>": 50296}
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
+def write_released_tokenizer(directory: Path) -> Path:
+    """
+    The tokenizer files the released checkpoints ship (written by transformers 4.x): the Phi-2 files with `<learnable>`
+    (50295, an additional special token) and `</s>` (50296, the eos token) added, padding with `<|endoftext|>`.
+    """
+    phi2 = require_shared(PHI2_TOKENIZER_DIR)
+    files = {name: json.loads((phi2 / name).read_text()) for name in TOKENIZER_FILES if name.endswith(".json")}
+    for content, token_id in RELEASED_ADDED_TOKENS.items():
+        token = {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+        files["tokenizer.json"]["added_tokens"].append({"id": token_id, **token})
+        files["tokenizer_config.json"]["added_tokens_decoder"][str(token_id)] = token
+        files["added_tokens.json"][content] = token_id
+    files["tokenizer_config.json"].update(additional_special_tokens=["<learnable>"], eos_token="</s>", pad_token="<|endoftext|>")
+    files["special_tokens_map.json"].update(additional_special_tokens=["<learnable>"], eos_token="</s>", pad_token="<|endoftext|>")
+    for name, data in files.items():
+        (directory / name).write_text(json.dumps(data, indent=2, ensure_ascii=False))
+    (directory / "merges.txt").write_bytes((phi2 / "merges.txt").read_bytes())
+    return directory
+
+
 def released_tokenizer():
-    """The Phi-2 tokenizer as the released checkpoints ship it: `<learnable>` (50295) and `</s>` (eos) added."""
-    tokenizer = AutoTokenizer.from_pretrained(require_shared(PHI2_TOKENIZER_DIR))
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<learnable>"], "eos_token": "</s>"})
-    tokenizer.pad_token = tokenizer.unk_token
+    """The released checkpoints' tokenizer, loaded from files written by `write_released_tokenizer`."""
+    with tempfile.TemporaryDirectory() as directory:
+        tokenizer = AutoTokenizer.from_pretrained(write_released_tokenizer(Path(directory)))
+    assert tokenizer.convert_tokens_to_ids(["<learnable>", "</s>"]) == [50295, 50296] and tokenizer.eos_token == "</s>"
     return tokenizer
 
 
@@ -175,7 +200,7 @@ def make_original_checkpoint(
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     (directory / "vision_config.json").write_bytes((fixture_dir / "vision_config.json").read_bytes())
     write_shards(state_dict if state_dict is not None else regenerate_original_state_dict(fixture_dir), directory, num_shards, dtype)
-    released_tokenizer().save_pretrained(directory)
+    write_released_tokenizer(directory)
     return directory
 
 
