@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import site
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -112,10 +113,12 @@ def atomic_output_dir(output_dir: str | os.PathLike, force: bool = False) -> Ite
 
 
 def _model_card_template_path() -> Path:
-    """`model_card.md` of a source checkout (editable installs) or of an installed wheel (`share/flashsloth/`)."""
+    """`model_card.md` of a source checkout (editable installs) or of an installed wheel (`<prefix>/share/flashsloth/`,
+    see `data_files` in setup.cfg)."""
     candidates = [
         Path(__file__).resolve().parents[1] / MODEL_CARD_NAME,
         Path(sys.prefix) / "share" / "flashsloth" / MODEL_CARD_NAME,
+        Path(site.getuserbase()) / "share" / "flashsloth" / MODEL_CARD_NAME,  # pip install --user
     ]
     for candidate in candidates:
         if candidate.is_file():
