@@ -77,6 +77,7 @@ def test_lora_changes_only_adapters_modules_to_save_and_query_tokens(processor, 
         lora=True,
         max_steps=2,
         save_steps=2,
+        activation_checkpointing=True,
         **TRAIN_ARGUMENTS,
     )
     model = trainer.model

@@ -183,15 +183,26 @@ def test_gradient_checkpointing_applies_and_keeps_loss_and_gradients(processor, 
         torch.testing.assert_close(checkpointed_grads[name], gradient, msg=name)
 
 
-def test_mixed_precision_bf16_runs(processor, dataset, tmp_path):
+def test_bf16_with_activation_checkpointing_through_the_trainer(processor, dataset, tmp_path):
     model = tiny_training_model(processor)
     trainer = build_trainer(
-        model, processor, dataset, tmp_path, stage=2, max_steps=2, save_strategy="no", bf16=True, **TRAIN_ARGUMENTS
+        model,
+        processor,
+        dataset,
+        tmp_path,
+        stage=2,
+        max_steps=2,
+        save_strategy="no",
+        bf16=True,
+        activation_checkpointing=True,
+        **TRAIN_ARGUMENTS,
     )
     trainer.train()
+    assert all(layer.gradient_checkpointing for layer in model.model.language_model.layers)
     losses = logged_losses(trainer.state.log_history)
-    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses))) and losses[1] < losses[0]
     assert all(parameter.dtype == torch.float32 for parameter in model.parameters())  # float32 master weights
+    assert model.config.text_config.use_cache is True  # switched off while training only
 
 
 def test_group_by_length_uses_the_dataset_length_estimates(processor, tmp_path):

@@ -92,11 +92,27 @@ def _is_peft_model(model: nn.Module) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
+def _base_model(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if _is_peft_model(model) else model
+
+
 class FlashSlothTrainer(Trainer):
     """
-    `Trainer` with two FlashSloth additions: length-grouped batching reads the dataset's `lengths` (an estimate from
-    [`LlavaDataset`], no tokenising of the whole dataset), and LoRA checkpoints also hold the query tokens.
+    `Trainer` with FlashSloth's additions: `train(resume_from_checkpoint=True)` skips checkpoints whose save did not
+    finish, the model runs without a KV cache while training, length-grouped batching reads the dataset's `lengths`
+    (an estimate from [`LlavaDataset`], no tokenising of the whole dataset), and LoRA checkpoints also hold the query
+    tokens.
     """
+
+    def train(self, resume_from_checkpoint: bool | str | None = None, **kwargs):
+        checkpoint = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        text_config = _base_model(self.model).config.text_config
+        use_cache = text_config.use_cache
+        text_config.use_cache = False
+        try:
+            return super().train(resume_from_checkpoint=checkpoint, **kwargs)
+        finally:
+            text_config.use_cache = use_cache
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -241,16 +257,8 @@ def train(
         callbacks=callbacks,
         **training_arguments,
     )
-    checkpoint = resolve_checkpoint(resume_from_checkpoint, trainer.args.output_dir)
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     model = trainer.model
-    text_config = (model.get_base_model() if _is_peft_model(model) else model).config.text_config
-    use_cache = text_config.use_cache
-    text_config.use_cache = False  # no KV cache while training
-    try:
-        trainer.train(resume_from_checkpoint=checkpoint)
-    finally:
-        text_config.use_cache = use_cache
-
     run_dir = Path(trainer.args.output_dir)
     is_main_process = trainer.is_world_process_zero()
     if _is_peft_model(model):
