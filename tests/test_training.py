@@ -364,14 +364,46 @@ def test_cli_trains_a_saved_checkpoint_end_to_end(processor, tmp_path):
     assert "'loss'" in result.stdout + result.stderr
     assert is_complete_checkpoint(tmp_path / "run" / "checkpoint-2")
 
-    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "run" / "model", trust_remote_code=True)
-    assert model.config.text_config.vocab_size == len(processor.tokenizer)
+    base = AutoModelForImageTextToText.from_pretrained(tmp_path / "base", trust_remote_code=True)
+    trained = AutoModelForImageTextToText.from_pretrained(tmp_path / "run" / "model", trust_remote_code=True)
+    assert changed_groups(base.state_dict(), trained.state_dict())[0] == set(STAGE_GROUPS[2])
 
-    missing = run_cli("--model", tmp_path / "base", "--data", tmp_path / "nope.json", "--output", tmp_path / "x", "--stage", "1")
-    assert missing.returncode == 2
-    assert missing.stderr.strip() == f"flashsloth: error: training data not found: {tmp_path / 'nope.json'}"
-    lora_stage1 = run_cli(*common[:-8], "--output", tmp_path / "x", "--stage", "1", "--lora")
-    assert lora_stage1.returncode == 2 and "stage 2" in lora_stage1.stderr
+    # LoRA through the same entry point, in this process.
+    from flashsloth.cli import main
+
+    lora_arguments = [str(argument) for argument in common[:-10]] + ["--output", str(tmp_path / "lora")]
+    assert main(["train", *lora_arguments, "--stage", "2", "--lora", "--lora-rank", "4", "--max-steps", "2"]) == 0
+    assert (tmp_path / "lora" / "adapter" / "adapter_model.safetensors").is_file()
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "lora" / "model", trust_remote_code=True)
+    assert changed_groups(base.state_dict(), merged.state_dict())[0] == {
+        "spatial_pooling", "multi_modal_projector", "query_tokens", "embedded_query", "language_model"
+    }
+
+
+def test_cli_reports_user_errors_in_one_line(tmp_path, capsys):
+    from flashsloth.cli import main
+
+    data = write_llava_json(tmp_path / "data", num_samples=2)
+    (tmp_path / "model").mkdir()
+    common = ["train", "--model", str(tmp_path / "model"), "--data", str(data), "--output", str(tmp_path / "run")]
+    config = tmp_path / "ds.json"
+    config.write_text("{}")
+    cases = [
+        (["train", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "no.json"), "--output", "x", "--stage", "1"], f"training data not found: {tmp_path / 'no.json'}"),
+        (["train", "--model", str(tmp_path / "none"), "--data", str(data), "--output", "x", "--stage", "1"], "model folder not found"),
+        (common + ["--stage", "1", "--lora"], "only stage 2 trains"),
+        (common + ["--stage", "1", "--train-vision-tower"], "belongs to stage 2"),
+        (common + ["--stage", "2", "--warmup-ratio", "1.5"], "--warmup-ratio"),
+        (common + ["--stage", "2", "--deepspeed", str(tmp_path / "missing.json")], "DeepSpeed config not found"),
+    ]
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        cases.append((common + ["--stage", "2", "--deepspeed", str(config)], "needs the deepspeed package"))
+    for arguments, message in cases:
+        assert main(arguments) == 2
+        error = capsys.readouterr().err.strip()
+        assert error.startswith("flashsloth: error: ") and message in error and "\n" not in error, error
 
 
 def test_cli_options_map_to_training_arguments():

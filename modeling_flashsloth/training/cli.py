@@ -6,6 +6,7 @@ command runs.
 """
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -64,6 +65,11 @@ def add_commands(subparsers):
     parser.add_argument("--save-total-limit", type=int, default=None, help="Keep at most this many checkpoints (default: all).")
     parser.add_argument("--logging-steps", type=int, default=10, help="Log the loss every this many steps (default: %(default)s).")
     parser.add_argument("--num-workers", type=int, default=0, help="Data loading worker processes (default: %(default)s).")
+    parser.add_argument(
+        "--deepspeed",
+        metavar="CONFIG",
+        help="DeepSpeed config JSON (e.g. ZeRO-2/3, see the README); needs the deepspeed package and GPUs.",
+    )
     parser.set_defaults(handler=run_train)
 
 
@@ -72,6 +78,11 @@ def _check_paths(args: argparse.Namespace):
         raise CliError(f"model folder not found: {args.model}")
     if not os.path.isfile(args.data):
         raise CliError(f"training data not found: {args.data}")
+    if args.deepspeed is not None:
+        if not os.path.isfile(args.deepspeed):
+            raise CliError(f"DeepSpeed config not found: {args.deepspeed}")
+        if importlib.util.find_spec("deepspeed") is None:
+            raise CliError("--deepspeed needs the deepspeed package (pip install deepspeed) and CUDA GPUs")
     if args.images is not None and not os.path.isdir(args.images):
         raise CliError(f"image folder not found: {args.images}")
     if args.train_vision_tower and args.stage != 2:
@@ -152,6 +163,7 @@ def run_train(args: argparse.Namespace):
             save_total_limit=args.save_total_limit,
             logging_steps=args.logging_steps,
             dataloader_num_workers=args.num_workers,
+            deepspeed=args.deepspeed,
         )
     except (OSError, ValueError) as error:
         raise CliError(str(error)) from error

@@ -10,6 +10,7 @@ import os
 import re
 from pathlib import Path
 
+import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -132,13 +133,14 @@ class FlashSlothTrainer(Trainer):
 
 def build_training_arguments(output_dir: str | os.PathLike, **training_arguments) -> TrainingArguments:
     """`TrainingArguments` with the defaults FlashSloth needs (overridable): keep the collator's columns, no
-    experiment trackers, labels named `labels`, and DDP tolerant of text-only batches (which leave SAP, the
-    projector, EmbQ and the query tokens without gradients on some ranks)."""
+    experiment trackers, labels named `labels`, DDP tolerant of text-only batches (which leave SAP, the projector,
+    EmbQ and the query tokens without gradients on some ranks), pinned memory only with a GPU."""
     values = dict(
         remove_unused_columns=False,
         report_to="none",
         label_names=["labels"],
         ddp_find_unused_parameters=True,
+        dataloader_pin_memory=torch.cuda.is_available(),
     )
     values.update(training_arguments)
     if values.get("train_sampling_strategy") == "batch_rebalance":
