@@ -17,6 +17,7 @@ from .cli_errors import EXIT_USAGE_ERROR, CliError
 SUBCOMMAND_MODULES = (
     "flashsloth.training.cli",
     "flashsloth.conversion.cli",
+    "flashsloth.benchmark",
 )
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_CHOICES = ("sdpa", "eager", "flash_attention_2")

@@ -1,0 +1,1083 @@
+"""
+Speed benchmark: FlashSloth side by side with an uncompressed peer built from the same encoder and language model.
+
+The peer is transformers' native `LlavaForConditionalGeneration` with FlashSloth's own SigLIP, 2-layer GELU projector
+and Phi (the Imp-v1-3B / Bunny-3B architecture): every 384x384 crop feeds all 27x27 = 729 patch features to the
+language model, and for HD it gets FlashSloth-HD's 5 crops as 5 images (3645 tokens). Both models hold the same
+random weights (the peer shares FlashSloth's modules, so one copy sits in memory), run in one process, interleaved,
+after a warm-up, and every time is a median.
+
+    flashsloth bench --size small --json speed.json --markdown speed.md --plot speed.png
+    python -m flashsloth.benchmark --size tiny
+
+Sizes: `tiny` (a smoke test: the full token geometry with tiny widths), `small` (the full widths and vocabulary with
+both depths cut by 8, so vision and language keep their full-size share of the cost) and `full` (SigLIP so400m +
+Phi-2). torch and transformers are imported only when a benchmark runs, so that `flashsloth --help` stays instant.
+"""
+
+import argparse
+import contextlib
+import ctypes
+import ctypes.util
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+from .cli_errors import CliError
+
+
+SIZES = ("tiny", "small", "full")
+VARIANTS = ("base", "hd")
+MODEL_NAMES = ("flashsloth", "peer")
+MODEL_LABELS = {"flashsloth": "FlashSloth", "peer": "uncompressed peer"}
+VARIANT_CROPS = {"base": 1, "hd": 5}
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+ATTENTION_CHOICES = ("sdpa", "eager", "flash_attention_2")
+# The peer's HD prompt (3645 image tokens) is longer than Phi-2's 2048 positions; rotary embeddings extend as is.
+MAX_POSITIONS = 4096
+TOKEN_ID_RANGE = (1000, 50000)  # random prompt text, clear of the placeholder and anchor ids
+
+
+@dataclass(frozen=True)
+class SizeSpec:
+    """Overrides of the published SigLIP so400m and Phi-2 configs for one benchmark size."""
+
+    vision: dict
+    text: dict
+    query_layer_index: int
+    query_hidden_size: int
+    description: str
+
+
+SIZE_SPECS = {
+    "tiny": SizeSpec(
+        vision={"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 3},
+        text={
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "num_hidden_layers": 2,
+        },
+        query_layer_index=1,
+        query_hidden_size=32,
+        description="full token geometry and vocabulary, tiny widths (SigLIP 32, Phi 64), 2 encoder + 2 decoder layers",
+    ),
+    "small": SizeSpec(
+        vision={"num_hidden_layers": 4},
+        text={"num_hidden_layers": 4},
+        query_layer_index=1,
+        query_hidden_size=576,
+        description="full widths (SigLIP 1152, Phi 2560, vocabulary 51200), depths cut by 8: 3 of 26 encoder layers "
+        "used, 4 of 32 decoder layers, EmbQ before decoder layer 1 of 4 (7 of 32)",
+    ),
+    "full": SizeSpec(
+        vision={},
+        text={},
+        query_layer_index=7,
+        query_hidden_size=576,
+        description="SigLIP so400m/14-384 (26 of 27 encoder layers used) + Phi-2 (32 layers, 2560 wide)",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class PromptLayout:
+    """
+    Token counts of the one-turn prompt around the image, as the real Phi-2 tokenizer gives them:
+    `{system} USER: <image>\\n{question}<learnable> ASSISTANT:` with a 13-token question.
+    """
+
+    prefix_tokens: int = 32  # system prompt and "USER: " (the image lands at index 32)
+    newline_tokens: int = 1
+    question_tokens: int = 13  # e.g. "What is the man in the picture holding in his right hand?"
+    suffix_tokens: int = 4  # " ASSISTANT:"
+
+    @property
+    def text_tokens(self) -> int:
+        return self.prefix_tokens + self.newline_tokens + self.question_tokens + self.suffix_tokens
+
+
+@dataclass
+class BenchmarkSettings:
+    size: str = "tiny"
+    device: str | None = None  # default: cuda when available, else cpu
+    dtype: str = "auto"  # float32 on cpu, bfloat16 on cuda
+    attn_implementation: str = "sdpa"
+    compile: bool = False
+    variants: tuple[str, ...] = VARIANTS
+    repeats: int = 3
+    long_repeats: int = 1
+    batch_repeats: int = 1
+    batch_sizes: tuple[int, ...] = (1, 8, 32)
+    short_new_tokens: int = 8
+    long_new_tokens: int = 128
+    threads: int | None = None
+    seed: int = 0
+    layout: PromptLayout = field(default_factory=PromptLayout)
+
+    def validate(self):
+        if self.size not in SIZES:
+            raise ValueError(f"size must be one of {', '.join(SIZES)}; got {self.size!r}.")
+        if not self.variants or any(variant not in VARIANTS for variant in self.variants):
+            raise ValueError(f"variants must be a non-empty subset of {', '.join(VARIANTS)}; got {self.variants}.")
+        if self.repeats < 1 or self.long_repeats < 0 or self.batch_repeats < 1:
+            raise ValueError("repeats and batch repeats must be at least 1, long repeats at least 0.")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise ValueError(f"batch sizes must be positive; got {self.batch_sizes}.")
+        if self.short_new_tokens < 2 or (self.long_new_tokens and self.long_new_tokens <= self.short_new_tokens):
+            raise ValueError(
+                "short answers need at least 2 new tokens (one decoding step) and long answers more than short ones "
+                f"(or 0 to skip them); got {self.short_new_tokens} and {self.long_new_tokens}."
+            )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models and inputs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def benchmark_configs(size: str):
+    """The FlashSloth config of a benchmark size and the config of its uncompressed peer (a `LlavaConfig`)."""
+    from transformers import LlavaConfig
+
+    from .configuration_flashsloth import PHI_2, SIGLIP_SO400M_384, FlashSlothConfig
+
+    spec = SIZE_SPECS[size]
+    flashsloth_config = FlashSlothConfig(
+        vision_config={**SIGLIP_SO400M_384, **spec.vision},
+        text_config={**PHI_2, **spec.text, "max_position_embeddings": MAX_POSITIONS},
+        query_layer_index=spec.query_layer_index,
+        query_hidden_size=spec.query_hidden_size,
+    )
+    # The peer reads the same layer (-2 of the full encoder) the way Imp and Bunny do: the unused last layer is dropped
+    # and the output of the last one kept is read, un-pooled, all patches ("full": SigLIP has no CLS token to drop).
+    # The index is non-negative because the shared tower's config still counts the dropped layer.
+    vision_config = flashsloth_config.vision_config.to_dict()
+    vision_config["num_hidden_layers"] = flashsloth_config.num_vision_layers
+    peer_config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=flashsloth_config.text_config.to_dict(),
+        image_token_index=flashsloth_config.image_token_id,
+        image_seq_length=flashsloth_config.patch_grid_size**2,
+        vision_feature_layer=flashsloth_config.num_vision_layers,
+        vision_feature_select_strategy="full",
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=True,
+    )
+    return flashsloth_config, peer_config
+
+
+def build_models(size: str, dtype, device, attn_implementation: str = "sdpa", seed: int = 0):
+    """
+    FlashSloth with random weights, and the native Llava peer sharing its vision tower (cut at the feature layer, as
+    FlashSloth builds it), projector, decoder and head. Returns `(flashsloth, peer)`, both in eval mode.
+    """
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from .modeling_flashsloth import FlashSlothForConditionalGeneration
+
+    flashsloth_config, peer_config = benchmark_configs(size)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        flashsloth = FlashSlothForConditionalGeneration._from_config(
+            flashsloth_config, dtype=dtype, attn_implementation=attn_implementation
+        )
+    with torch.device("meta"):
+        peer = LlavaForConditionalGeneration._from_config(
+            peer_config, dtype=dtype, attn_implementation=attn_implementation
+        )
+    peer.model.vision_tower = flashsloth.model.vision_tower
+    peer.model.multi_modal_projector.linear_1 = flashsloth.model.multi_modal_projector.linear_1
+    peer.model.multi_modal_projector.linear_2 = flashsloth.model.multi_modal_projector.linear_2
+    peer.model.language_model = flashsloth.model.language_model
+    peer.lm_head = flashsloth.lm_head
+    left_on_meta = [name for name, tensor in [*peer.named_parameters(), *peer.named_buffers()] if tensor.is_meta]
+    if left_on_meta:
+        raise RuntimeError(f"The peer has modules not shared with FlashSloth: {left_on_meta[:5]}")
+    return flashsloth.eval(), peer.eval()
+
+
+def visual_tokens(config, model_name: str, num_crops: int) -> int:
+    """Tokens an image puts into the language model: FlashSloth's pooled tokens plus its query block, or all patches."""
+    if model_name == "flashsloth":
+        return config.image_tokens_per_crop * num_crops + config.num_query_tokens
+    return config.patch_grid_size**2 * num_crops
+
+
+def prompt_length(config, model_name: str, num_crops: int, layout: PromptLayout) -> int:
+    return layout.text_tokens + visual_tokens(config, model_name, num_crops)
+
+
+def build_inputs(config, model_name: str, num_crops: int, batch_size: int, layout: PromptLayout, seed: int = 0):
+    """
+    Model inputs of a one-turn prompt per sample, placeholders already expanded: FlashSloth's image tokens (81 per
+    crop), newline, question, query block, " ASSISTANT:", with the instruction mask on the question; the peer's has
+    729 image tokens per crop and no query block. `config` is the FlashSloth config. CPU tensors.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def text(length: int) -> torch.Tensor:
+        return torch.randint(*TOKEN_ID_RANGE, (batch_size, length), generator=generator)
+
+    if model_name == "flashsloth":
+        image_tokens = config.image_tokens_per_crop * num_crops
+        query = torch.full((batch_size, config.num_query_tokens), config.query_token_id)
+    else:
+        image_tokens = config.patch_grid_size**2 * num_crops
+        query = torch.zeros(batch_size, 0, dtype=torch.long)
+    prefix, newline = text(layout.prefix_tokens), text(layout.newline_tokens)
+    question, suffix = text(layout.question_tokens), text(layout.suffix_tokens)
+    image = torch.full((batch_size, image_tokens), config.image_token_id)
+    input_ids = torch.cat([prefix, image, newline, question, query, suffix], dim=1)
+    size = config.vision_config.image_size
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "pixel_values": torch.rand(batch_size * num_crops, 3, size, size, generator=generator) * 2 - 1,
+    }
+    if model_name == "flashsloth":
+        question_start = layout.prefix_tokens + image_tokens + layout.newline_tokens
+        instruction_mask = torch.zeros_like(input_ids)
+        instruction_mask[:, question_start : question_start + layout.question_tokens] = 1
+        inputs["instruction_mask"] = instruction_mask
+        inputs["image_num_crops"] = torch.full((batch_size,), num_crops)
+    return inputs
+
+
+def move_inputs(inputs: dict, device, dtype) -> dict:
+    return {
+        name: value.to(device, dtype) if value.is_floating_point() else value.to(device) for name, value in inputs.items()
+    }
+
+
+def kv_cache_bytes(text_config, sequence_length: int, dtype) -> int:
+    """Keys and values of every decoder layer for one sequence: 2 * layers * kv_heads * head_dim * length * bytes."""
+    import torch
+
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+    element_size = torch.empty((), dtype=dtype).element_size()
+    return 2 * text_config.num_hidden_layers * kv_heads * head_dim * sequence_length * element_size
+
+
+def cache_tensor_bytes(cache) -> int:
+    """Bytes held by the keys and values of a transformers `Cache`."""
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.keys is not None)
+
+
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def count_prefill_flops(model, inputs: dict):
+    """
+    FLOPs of one prefill forward pass (logits of the last position only, as `generate` asks), counted by torch's
+    FLOP counter, and the KV cache it fills. torch registers no formula for the CPU flash-attention kernel that sdpa
+    uses on CPU; it gets the same formula as the GPU kernels.
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    custom_mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+    with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=custom_mapping) as counter:
+        outputs = model(**inputs, use_cache=True, logits_to_keep=1)
+    return counter.get_total_flops(), outputs.past_key_values
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Measurements
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _synchronize(device):
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class TokenClock:
+    """A `generate` streamer that records when each new token reaches the host (`generate` hands the prompt first)."""
+
+    def __init__(self):
+        self.arrivals: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value):
+        if self._prompt_seen:
+            self.arrivals.append(time.perf_counter())
+        self._prompt_seen = True
+
+    def end(self):
+        pass
+
+
+class PeakMemory:
+    """
+    Peak memory of a block above what was in use when it started: CUDA's max allocated, or on CPU the process's
+    peak resident set (Linux: `VmHWM` after a reset through `/proc/self/clear_refs`, with freed heap memory handed
+    back to the system first, so that it is not silently reused).
+    """
+
+    def __init__(self, device):
+        import torch
+
+        self.is_cuda = torch.device(device).type == "cuda"
+        self.device = device
+        self.extra_bytes = 0
+        libc_name = ctypes.util.find_library("c")
+        self._libc = ctypes.CDLL(libc_name) if libc_name and sys.platform.startswith("linux") else None
+
+    @staticmethod
+    def _status_kib(field_name: str) -> int:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+        raise OSError(f"/proc/self/status has no {field_name}")
+
+    def __enter__(self):
+        import torch
+
+        gc.collect()
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._before = torch.cuda.memory_allocated(self.device)
+            return self
+        if self._libc is not None and hasattr(self._libc, "malloc_trim"):
+            self._libc.malloc_trim(0)
+        try:
+            with open("/proc/self/clear_refs", "w") as clear_refs:
+                clear_refs.write("5")  # resets VmHWM to the current resident set
+            self._before = self._status_kib("VmRSS") * 1024
+        except OSError:
+            self._before = None
+        return self
+
+    def __exit__(self, *exc_info):
+        import torch
+
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+            self.extra_bytes = torch.cuda.max_memory_allocated(self.device) - self._before
+        elif self._before is not None:
+            self.extra_bytes = max(self._status_kib("VmHWM") * 1024 - self._before, 0)
+        return False
+
+
+def parameter_bytes(model) -> int:
+    return sum(parameter.nbytes for parameter in model.parameters())
+
+
+@dataclass
+class RunRecord:
+    """Arrival time of every new token (seconds from the call to `generate`) and the run's peak extra memory."""
+
+    arrivals: list[float]
+    peak_extra_bytes: int
+
+
+def timed_generate(model, inputs: dict, new_tokens: int, generation_kwargs: dict, device) -> RunRecord:
+    import torch
+
+    clock = TokenClock()
+    with PeakMemory(device) as memory, torch.inference_mode():
+        _synchronize(device)
+        start = time.perf_counter()
+        output_ids = model.generate(**inputs, max_new_tokens=new_tokens, streamer=clock, **generation_kwargs)
+        _synchronize(device)
+    generated = output_ids.shape[1] - inputs["input_ids"].shape[1]
+    if generated != new_tokens or len(clock.arrivals) != new_tokens:
+        raise RuntimeError(f"Asked for {new_tokens} new tokens, generate returned {generated}: timings would be wrong.")
+    return RunRecord([arrival - start for arrival in clock.arrivals], memory.extra_bytes)
+
+
+def time_flashsloth_parts(model, inputs: dict, repeats: int, device) -> dict[str, float]:
+    """
+    Median seconds of FlashSloth's prefill forward pass and of its own parts inside it: SAP, EmbQ (timed by module
+    hooks, in a pass of their own since the hooks synchronize) and the query-block layout EmbQ reads (timed alone).
+    """
+    import torch
+
+    from .modeling_flashsloth import build_query_block_layout
+
+    spent = {"sap": 0.0, "embq": 0.0}
+    started = {}
+
+    def hooks(name):
+        def before(*args):
+            _synchronize(device)
+            started[name] = time.perf_counter()
+
+        def after(*args):
+            _synchronize(device)
+            spent[name] += time.perf_counter() - started[name]
+
+        return before, after
+
+    modules = {"sap": model.model.spatial_pooling, "embq": model.model.embedded_query}
+    handles = []
+    for name, module in modules.items():
+        before, after = hooks(name)
+        handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+    samples = {"prefill": [], "sap": [], "embq": [], "layout": []}
+    try:
+        with torch.inference_mode():
+            for _ in range(repeats):
+                spent.update(sap=0.0, embq=0.0)
+                _synchronize(device)
+                start = time.perf_counter()
+                model(**inputs, use_cache=True, logits_to_keep=1)
+                _synchronize(device)
+                samples["prefill"].append(time.perf_counter() - start)
+                samples["sap"].append(spent["sap"])
+                samples["embq"].append(spent["embq"])
+                start = time.perf_counter()
+                build_query_block_layout(
+                    inputs["input_ids"], inputs["instruction_mask"], inputs["image_num_crops"], model.config
+                )
+                _synchronize(device)
+                samples["layout"].append(time.perf_counter() - start)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def resolve_device_and_dtype(settings: BenchmarkSettings):
+    import torch
+
+    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device; use --device cpu.")
+    if settings.dtype == "auto":
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, settings.dtype)
+    return device, dtype
+
+
+def generation_kwargs(config, settings: BenchmarkSettings, device) -> dict:
+    """The same greedy settings for both models: exactly the asked number of tokens, placeholders never generated."""
+    from transformers import CompileConfig
+
+    kwargs = {
+        "do_sample": False,
+        "eos_token_id": None,
+        "pad_token_id": config.text_config.pad_token_id or 0,
+        "suppress_tokens": [config.image_token_id, config.query_token_id],
+    }
+    if settings.compile:
+        import torch
+
+        mode = "reduce-overhead" if torch.device(device).type == "cuda" else "default"
+        compile_config = CompileConfig(mode=mode)
+        compile_config._compile_all_devices = True  # generate() compiles on its own only on accelerators
+        kwargs.update(cache_implementation="static", compile_config=compile_config)
+    return kwargs
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _cpu_model_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _machine_description(device) -> dict:
+    import torch
+    import transformers
+
+    description = {
+        "platform": platform.platform(),
+        "cpu": _cpu_model_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    if torch.device(device).type == "cuda":
+        description["gpu"] = torch.cuda.get_device_name(device)
+    return description
+
+
+def run_benchmark(settings: BenchmarkSettings) -> dict:
+    """
+    Run the whole benchmark and return its results as a JSON-ready dict (see `format_markdown`):
+
+    1. per model and variant, one prefill under torch's FLOP counter (it also warms the prefill up); with `compile`,
+       one generation of every shape to be timed, so that compilation stays out of the timings;
+    2. FlashSloth's prefill with its SAP and EmbQ timed (`repeats` times);
+    3. short answers at batch 1, `repeats` rounds over all models and variants, interleaved: time to first token,
+       response time, decode speed;
+    4. long answers at batch 1 (base variant), `long_repeats` rounds: response time and decode speed;
+    5. short answers at every batch size above 1 (base variant), `batch_repeats` rounds: throughput.
+    """
+    import torch
+    from tqdm.auto import tqdm
+    from transformers.utils import logging
+
+    logger = logging.get_logger(__name__)
+    settings.validate()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    device, dtype = resolve_device_and_dtype(settings)
+    if settings.size == "full" and torch.device(device).type == "cpu":
+        logger.warning("The full-size models on CPU take minutes per prefill; `--size small` keeps the proportions.")
+
+    flashsloth, peer = build_models(settings.size, dtype, device, settings.attn_implementation, settings.seed)
+    models = {"flashsloth": flashsloth, "peer": peer}
+    config = flashsloth.config
+    gen_kwargs = generation_kwargs(config, settings, device)
+    short, long = settings.short_new_tokens, settings.long_new_tokens
+    main_variant = "base" if "base" in settings.variants else settings.variants[0]
+    cases = [(variant, name) for variant in settings.variants for name in MODEL_NAMES]
+    main_cases = [(main_variant, name) for name in MODEL_NAMES]
+    batch_sizes = sorted(batch for batch in set(settings.batch_sizes) if batch > 1)
+
+    inputs_cache = {}
+
+    def inputs_for(variant: str, name: str, batch_size: int = 1) -> dict:
+        key = (variant, name, batch_size)
+        if key not in inputs_cache:
+            built = build_inputs(config, name, VARIANT_CROPS[variant], batch_size, settings.layout, seed=settings.seed)
+            inputs_cache[key] = move_inputs(built, device, dtype)
+        return inputs_cache[key]
+
+    # What runs, in order: (phase, variant, model, batch size, new tokens).
+    timed = [("short", variant, name, 1, short) for variant, name in _interleaved(cases, settings.repeats)]
+    if long:
+        timed += [("long", variant, name, 1, long) for variant, name in _interleaved(main_cases, settings.long_repeats)]
+    for batch_size in batch_sizes:
+        timed += [
+            ("batch", variant, name, batch_size, short)
+            for variant, name in _interleaved(main_cases, settings.batch_repeats)
+        ]
+    compile_warmups = sorted({run[1:] for run in timed}, key=str) if settings.compile else []
+    progress = tqdm(
+        total=len(cases) + len(settings.variants) + len(compile_warmups) + len(timed), desc=f"bench {settings.size}"
+    )
+
+    results = {variant: {name: {} for name in MODEL_NAMES} for variant in settings.variants}
+    for variant, name in cases:
+        inputs = inputs_for(variant, name)
+        flops, cache = count_prefill_flops(models[name], inputs)
+        length = inputs["input_ids"].shape[1]
+        results[variant][name].update(
+            visual_tokens=visual_tokens(config, name, VARIANT_CROPS[variant]),
+            prompt_tokens=length,
+            prefill_flops=flops,
+            kv_cache_bytes=kv_cache_bytes(config.text_config, length, dtype),
+            kv_cache_bytes_measured=cache_tensor_bytes(cache),
+            weight_bytes=parameter_bytes(models[name]),
+        )
+        del cache
+        progress.update()
+    for variant, name, batch_size, new_tokens in compile_warmups:
+        timed_generate(models[name], inputs_for(variant, name, batch_size), new_tokens, gen_kwargs, device)
+        progress.update()
+    for variant in settings.variants:
+        parts = time_flashsloth_parts(flashsloth, inputs_for(variant, "flashsloth"), settings.repeats, device)
+        results[variant]["flashsloth"]["prefill_parts_s"] = parts
+        progress.update()
+
+    records = {}
+    for phase, variant, name, batch_size, new_tokens in timed:
+        run = timed_generate(models[name], inputs_for(variant, name, batch_size), new_tokens, gen_kwargs, device)
+        records.setdefault((phase, variant, name, batch_size), []).append(run)
+        progress.update()
+    progress.close()
+
+    for variant, name in cases:
+        results[variant][name].update(
+            summarize_runs(
+                records.get(("short", variant, name, 1), []),
+                records.get(("long", variant, name, 1), []),
+                {batch: records.get(("batch", variant, name, batch), []) for batch in batch_sizes},
+                short,
+                long,
+                include_batch_one=1 in settings.batch_sizes,
+            )
+        )
+        entry = results[variant][name]
+        entry["peak_memory_bytes"] = entry["weight_bytes"] + entry.pop("peak_extra_bytes")
+    for variant in settings.variants:
+        results[variant]["advantage"] = compute_advantages(results[variant], short, long)
+
+    report = {
+        "size": settings.size,
+        "size_description": SIZE_SPECS[settings.size].description,
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "attn_implementation": settings.attn_implementation,
+        "compile": settings.compile,
+        "settings": {
+            key: value for key, value in asdict(settings).items() if key not in ("size", "device", "dtype", "compile")
+        },
+        "machine": _machine_description(device),
+        "variants": results,
+    }
+    report["goals"] = evaluate_goals(report)
+    logger.info("Benchmark of size %s done.", settings.size)
+    return report
+
+
+def _interleaved(cases: list, rounds: int) -> list:
+    """Every case once per round, every other round in reverse order, so that drifts in machine load cancel out."""
+    return [case for round_index in range(rounds) for case in (cases if round_index % 2 == 0 else cases[::-1])]
+
+
+def summarize_runs(
+    short_runs: list, long_runs: list, batch_runs: dict, short: int, long: int, include_batch_one: bool = True
+) -> dict:
+    """Medians of one model's runs: time to first token, response times, decode speed, throughput, peak memory."""
+    summary = {
+        "ttft_s": _median([run.arrivals[0] for run in short_runs]),
+        f"response_{short}_s": _median([run.arrivals[-1] for run in short_runs]),
+    }
+    decode_runs = long_runs or short_runs
+    summary["decode_ms_per_token"] = _median(
+        [1000 * (run.arrivals[-1] - run.arrivals[0]) / (len(run.arrivals) - 1) for run in decode_runs]
+    )
+    if long and long_runs:
+        summary[f"response_{long}_s"] = _median([run.arrivals[-1] for run in long_runs])
+    throughput = {"1": short / summary[f"response_{short}_s"]} if include_batch_one else {}
+    for batch_size, runs in batch_runs.items():
+        if runs:
+            throughput[str(batch_size)] = batch_size * short / _median([run.arrivals[-1] for run in runs])
+    summary["throughput_tokens_per_s"] = throughput
+    summary["peak_extra_bytes"] = max(run.peak_extra_bytes for run in short_runs + long_runs)
+    summary["samples_s"] = {
+        "ttft": [run.arrivals[0] for run in short_runs],
+        f"response_{short}": [run.arrivals[-1] for run in short_runs],
+        f"response_{long}": [run.arrivals[-1] for run in long_runs],
+        **{f"batch_{batch}_response_{short}": [run.arrivals[-1] for run in runs] for batch, runs in batch_runs.items() if runs},
+    }
+    return summary
+
+
+def compute_advantages(variant_results: dict, short: int, long: int) -> dict:
+    """How many times better FlashSloth is than the peer on each metric (peer / FlashSloth, or FlashSloth / peer for
+    throughput)."""
+    ours, peer = variant_results["flashsloth"], variant_results["peer"]
+    advantage = {}
+    for key in ("visual_tokens", "prompt_tokens", "prefill_flops", "kv_cache_bytes", "ttft_s", "decode_ms_per_token"):
+        advantage[key] = peer[key] / ours[key]
+    for key in (f"response_{short}_s", f"response_{long}_s", "peak_memory_bytes"):
+        if key in ours:
+            advantage[key] = peer[key] / ours[key]
+    advantage["throughput_tokens_per_s"] = {
+        batch: ours["throughput_tokens_per_s"][batch] / peer["throughput_tokens_per_s"][batch]
+        for batch in ours["throughput_tokens_per_s"]
+    }
+    return advantage
+
+
+@dataclass
+class Goal:
+    name: str
+    measured: float
+    target: float
+    higher_is_better: bool = True
+
+    @property
+    def met(self) -> bool:
+        return self.measured >= self.target if self.higher_is_better else self.measured <= self.target
+
+
+def evaluate_goals(report: dict) -> list[dict]:
+    """The acceptance goals of the speed issue, on what this run measured."""
+    goals = []
+    variants = report["variants"]
+    for variant, results in variants.items():
+        advantage = results["advantage"]
+        goals.append(
+            Goal(f"{variant}: TTFT ratio / counted-FLOP ratio", advantage["ttft_s"] / advantage["prefill_flops"], 0.9)
+        )
+    for variant, results in variants.items():
+        parts = results["flashsloth"]["prefill_parts_s"]
+        share = (parts["sap"] + parts["embq"] + parts["layout"]) / parts["prefill"]
+        goals.append(Goal(f"{variant}: SAP + EmbQ share of FlashSloth's prefill", share, 0.05, higher_is_better=False))
+    for variant, results in variants.items():
+        goals.append(
+            Goal(f"{variant}: decode ms/token, peer / FlashSloth", results["advantage"]["decode_ms_per_token"], 1.0)
+        )
+    if "base" in variants:
+        goals.append(Goal("base: KV-cache bytes per sequence, peer / FlashSloth", variants["base"]["advantage"]["kv_cache_bytes"], 5.0))
+        throughput = variants["base"]["advantage"]["throughput_tokens_per_s"]
+        if throughput:
+            largest = max(throughput, key=int)
+            goals.append(Goal(f"base: throughput at batch {largest}, FlashSloth / peer", throughput[largest], 2.0))
+    if report["size"] == "full" and report["device"].startswith("cuda") and "base" in variants:
+        ours, advantage = variants["base"]["flashsloth"], variants["base"]["advantage"]
+        short = report["settings"]["short_new_tokens"]
+        goals += [
+            Goal(f"base: response ratio, {short} new tokens", advantage[f"response_{short}_s"], 2.4),
+            Goal("base: decode tokens/s at batch 1", 1000 / ours["decode_ms_per_token"], 300.0),
+            Goal("base: TTFT ms", 1000 * ours["ttft_s"], 15.0, higher_is_better=False),
+            Goal("base: peak memory GB", ours["peak_memory_bytes"] / 1e9, 8.0, higher_is_better=False),
+        ]
+    return [{**asdict(goal), "met": goal.met} for goal in goals]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reports
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _format_ms(seconds: float | None) -> str:
+    return "–" if seconds is None else f"{1000 * seconds:,.1f} ms" if seconds < 10 else f"{seconds:,.2f} s"
+
+
+def _format_bytes(count: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:,.2f} {unit}"
+    return f"{count:,.0f} B"
+
+
+def _format_ratio(value: float | None) -> str:
+    return "–" if value is None else f"**{value:.2f}x**"
+
+
+def table_rows(report: dict) -> list[tuple[str, list[str]]]:
+    """The rows of the markdown table: a label, then per variant the FlashSloth value, the peer's and the advantage."""
+    settings = report["settings"]
+    short, long = settings["short_new_tokens"], settings["long_new_tokens"]
+    variants = report["variants"]
+    batches = sorted({int(batch) for results in variants.values() for batch in results["advantage"]["throughput_tokens_per_s"]})
+    metrics = [
+        ("visual tokens per image", "visual_tokens", lambda value: f"{value:,}"),
+        ("prompt tokens", "prompt_tokens", lambda value: f"{value:,}"),
+        ("prefill GFLOPs (counted)", "prefill_flops", lambda value: f"{value / 1e9:,.1f}"),
+        ("time to first token", "ttft_s", _format_ms),
+        ("decode per token", "decode_ms_per_token", lambda value: f"{value:,.1f} ms"),
+        (f"response, {short} new tokens", f"response_{short}_s", _format_ms),
+    ]
+    if long:
+        metrics.append((f"response, {long} new tokens", f"response_{long}_s", _format_ms))
+    metrics += [
+        ("KV cache per sequence (prompt)", "kv_cache_bytes", _format_bytes),
+        ("peak memory (weights + run)", "peak_memory_bytes", _format_bytes),
+    ]
+    rows = []
+    for label, key, formatter in metrics:
+        cells = []
+        for results in variants.values():
+            values = [results[name].get(key) for name in MODEL_NAMES]
+            cells += ["–" if value is None else formatter(value) for value in values]
+            cells.append(_format_ratio(results["advantage"].get(key)))
+        rows.append((label, cells))
+    for batch in batches:
+        cells = []
+        for results in variants.values():
+            values = [results[name]["throughput_tokens_per_s"].get(str(batch)) for name in MODEL_NAMES]
+            cells += ["–" if value is None else f"{value:,.2f}" for value in values]
+            cells.append(_format_ratio(results["advantage"]["throughput_tokens_per_s"].get(str(batch))))
+        rows.append((f"throughput, batch {batch} (tokens/s, {short} new)", cells))
+    cells = []
+    for results in variants.values():
+        parts = results["flashsloth"]["prefill_parts_s"]
+        share = (parts["sap"] + parts["embq"] + parts["layout"]) / parts["prefill"]
+        cells += [f"{100 * share:.2f}%", "", ""]
+    rows.append(("SAP + EmbQ share of prefill", cells))
+    return rows
+
+
+def format_markdown(report: dict) -> str:
+    machine = report["machine"]
+    hardware = machine.get("gpu") or f"{machine['cpu']} ({machine['cpu_count']} cores, {machine['torch_threads']} torch threads)"
+    lines = [
+        f"Size `{report['size']}` ({report['size_description']}); {report['device']}, {report['dtype']}, "
+        f"{report['attn_implementation']}{', static cache + torch.compile' if report['compile'] else ''}; "
+        f"{hardware}; torch {machine['torch']}, transformers {machine['transformers']}. Medians of "
+        f"{report['settings']['repeats']} interleaved runs (long answers {report['settings']['long_repeats']}, "
+        f"batches {report['settings']['batch_repeats']}); advantage = how many times better FlashSloth is.",
+        "",
+    ]
+    header, separator = ["metric"], ["---"]
+    for variant in report["variants"]:
+        crops = VARIANT_CROPS[variant]
+        suffix = " HD" if variant == "hd" else ""
+        header += [f"FlashSloth{suffix}", f"peer ({crops} x 729)", "advantage"]
+        separator += ["---:", "---:", "---:"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "|".join(separator) + "|"]
+    for label, cells in table_rows(report):
+        lines.append("| " + " | ".join([label, *cells]) + " |")
+    lines += ["", "| goal | measured | target | met |", "|---|---:|---:|:---:|"]
+    for goal in report["goals"]:
+        comparison = ">=" if goal["higher_is_better"] else "<="
+        verdict = "yes" if goal["met"] else "**no**"
+        lines.append(f"| {goal['name']} | {goal['measured']:.3f} | {comparison} {goal['target']:g} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_report(report: dict, path: str):
+    """A PNG like the paper's speed chart: time to first token and response times per model, throughput per batch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot, ticker
+
+    settings = report["settings"]
+    short, long = settings["short_new_tokens"], settings["long_new_tokens"]
+    variants = report["variants"]
+    colors = {"flashsloth": "#2a9d8f", "peer": "#b0b0b0"}
+    figure, axes = pyplot.subplots(1, 3, figsize=(15, 4.5))
+
+    metrics = [("ttft_s", "TTFT"), (f"response_{short}_s", f"{short} tok")]
+    if long:
+        metrics.append((f"response_{long}_s", f"{long} tok"))
+    groups = [
+        (variant, key, label)
+        for variant in variants
+        for key, label in metrics
+        if all(key in variants[variant][name] for name in MODEL_NAMES)
+    ]
+    for offset, name in ((-0.2, "flashsloth"), (0.2, "peer")):
+        values = [variants[variant][name][key] for variant, key, _ in groups]
+        bars = axes[0].bar([index + offset for index in range(len(groups))], values, 0.4, color=colors[name], label=MODEL_LABELS[name])
+        if name == "flashsloth":
+            for bar, (variant, key, _) in zip(bars, groups):
+                axes[0].annotate(
+                    f"{variants[variant]['advantage'][key]:.1f}x",
+                    (bar.get_x() + bar.get_width(), max(variants[variant]["peer"][key], bar.get_height())),
+                    ha="center",
+                    va="bottom",
+                    fontsize=8,
+                )
+    axes[0].set_xticks(range(len(groups)), [f"{variant}\n{label}" for variant, _, label in groups], fontsize=8)
+    axes[0].set_ylabel("seconds (batch 1)")
+    axes[0].set_title("time to first token and response time")
+    axes[0].legend()
+
+    names = [(variant, name) for variant in variants for name in MODEL_NAMES]
+    axes[1].barh(
+        [f"{MODEL_LABELS[name]} ({variant})" for variant, name in names],
+        [variants[variant][name]["prefill_flops"] / 1e9 for variant, name in names],
+        color=[colors[name] for _, name in names],
+    )
+    axes[1].set_xlabel("prefill GFLOPs (counted)")
+    axes[1].set_title("prefill compute")
+
+    for name in MODEL_NAMES:
+        for variant in variants:
+            throughput = variants[variant][name]["throughput_tokens_per_s"]
+            if len(throughput) > 1:
+                batches = sorted(throughput, key=int)
+                axes[2].plot(
+                    [int(batch) for batch in batches],
+                    [throughput[batch] for batch in batches],
+                    marker="o",
+                    color=colors[name],
+                    label=f"{MODEL_LABELS[name]} ({variant})",
+                )
+    axes[2].set_xscale("log", base=2)
+    axes[2].set_xticks(sorted({int(batch) for line in variants.values() for batch in line["flashsloth"]["throughput_tokens_per_s"]}))
+    axes[2].get_xaxis().set_major_formatter(ticker.ScalarFormatter())
+    axes[2].set_xlabel("batch size")
+    axes[2].set_ylabel(f"generated tokens/s ({short} new tokens)")
+    axes[2].set_title("throughput")
+    if axes[2].lines:
+        axes[2].legend()
+    figure.suptitle(f"FlashSloth vs an uncompressed peer: size {report['size']}, {report['device']}, {report['dtype']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    pyplot.close(figure)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument(
+        "--size",
+        choices=SIZES,
+        default="tiny",
+        help="tiny: smoke test (full token geometry, tiny widths); small: full widths and vocabulary, depths cut by 8 "
+        "(CPU, minutes); full: SigLIP so400m + Phi-2 (GPU, or CPU slowly) (default: %(default)s).",
+    )
+    parser.add_argument("--device", default=None, help="Torch device (default: cuda when available, else cpu).")
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="Weights and activations dtype; auto is float32 on CPU, bfloat16 on CUDA (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--attn",
+        choices=ATTENTION_CHOICES,
+        default="sdpa",
+        help="Attention implementation of both models (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="Decode with a static KV cache and a torch.compile'd decoding step (every shape is compiled before timing).",
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        default=list(VARIANTS),
+        help="base: one 384x384 crop per image (81+9 tokens vs 729); hd: 5 crops (405+9 vs 3645) (default: both).",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=_positive_int,
+        default=3,
+        help="Timed runs per model for time to first token, short answers and FlashSloth's SAP/EmbQ share (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--long-repeats",
+        type=_non_negative_int,
+        default=1,
+        help="Timed long answers per model, at batch 1; they also give decode ms/token (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--batch-repeats",
+        type=_positive_int,
+        default=1,
+        help="Timed runs per model at each batch size above 1 (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--batch-sizes",
+        nargs="+",
+        type=_positive_int,
+        default=[1, 8, 32],
+        help="Batch sizes of the throughput measurement, short answers, base variant (default: 1 8 32).",
+    )
+    parser.add_argument(
+        "--short-new-tokens", type=_positive_int, default=8, help="Tokens of a short answer, the VQA case (default: %(default)s)."
+    )
+    parser.add_argument(
+        "--long-new-tokens",
+        type=_non_negative_int,
+        default=128,
+        help="Tokens of a long answer; 0 skips long answers (default: %(default)s).",
+    )
+    parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights and inputs (default: %(default)s).")
+    parser.add_argument("--json", metavar="PATH", help="Write the full results (every sample, every ratio) as JSON.")
+    parser.add_argument("--markdown", metavar="PATH", help="Write the markdown table (it is printed in any case).")
+    parser.add_argument("--plot", metavar="PATH", help="Write a PNG chart (needs matplotlib: the `plot` extra).")
+    parser.set_defaults(handler=run_bench)
+    return parser
+
+
+BENCH_DESCRIPTION = (
+    "Time FlashSloth against an uncompressed peer (transformers' Llava with the same SigLIP, projector and Phi, all "
+    "729 patch tokens per crop): counted prefill FLOPs, time to first token, decode speed, short and long response "
+    "times, throughput per batch size, KV-cache size and peak memory. Random weights; prints a markdown table."
+)
+
+
+def add_commands(subparsers):
+    """Add `flashsloth bench`."""
+    parser = subparsers.add_parser("bench", help="Speed benchmark against an uncompressed peer.", description=BENCH_DESCRIPTION)
+    configure_parser(parser)
+
+
+def _settings_from_args(args: argparse.Namespace) -> BenchmarkSettings:
+    return BenchmarkSettings(
+        size=args.size,
+        device=args.device,
+        dtype=args.dtype,
+        attn_implementation=args.attn,
+        compile=args.compile,
+        variants=tuple(dict.fromkeys(args.variants)),
+        repeats=args.repeats,
+        long_repeats=args.long_repeats,
+        batch_repeats=args.batch_repeats,
+        batch_sizes=tuple(args.batch_sizes),
+        short_new_tokens=args.short_new_tokens,
+        long_new_tokens=args.long_new_tokens,
+        threads=args.threads,
+        seed=args.seed,
+    )
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    settings = _settings_from_args(args)
+    try:
+        settings.validate()
+    except ValueError as error:
+        raise CliError(str(error)) from error
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as error:
+            raise CliError("--plot needs matplotlib: pip install 'flashsloth[plot]' (or matplotlib)") from error
+    for path in (args.json, args.markdown, args.plot):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise CliError(f"the folder of {path} does not exist")
+    try:
+        report = run_benchmark(settings)
+    except (ValueError, ImportError) as error:
+        raise CliError(str(error).splitlines()[0]) from error
+    markdown = format_markdown(report)
+    sys.stdout.write(markdown)
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(report, file, indent=2)
+    if args.markdown:
+        with open(args.markdown, "w") as file:
+            file.write(markdown)
+    if args.plot:
+        plot_report(report, args.plot)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = configure_parser(argparse.ArgumentParser(prog="python -m flashsloth.benchmark", description=BENCH_DESCRIPTION))
+    args = parser.parse_args(argv)
+    try:
+        args.handler(args)
+    except CliError as error:
+        print(f"flashsloth bench: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

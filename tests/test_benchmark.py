@@ -1,0 +1,213 @@
+"""The speed benchmark at size `tiny`: it runs end to end, writes well-formed JSON, markdown and PNG, and what it counts
+(visual tokens, prefill FLOPs, KV-cache bytes) agrees with hand counts from the configs. No timing assertions."""
+
+import json
+
+import pytest
+import torch
+
+from flashsloth import cli
+from flashsloth.benchmark import (
+    MODEL_NAMES,
+    VARIANT_CROPS,
+    PromptLayout,
+    benchmark_configs,
+    build_inputs,
+    build_models,
+    format_markdown,
+    main,
+)
+
+
+LAYOUT = PromptLayout()
+SHORT, LONG = 3, 5
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bench")
+    paths = {kind: folder / f"speed.{kind}" for kind in ("json", "md", "png")}
+    argv = ["--size", "tiny", "--repeats", "1", "--batch-sizes", "1", "2", "--threads", "1"]
+    argv += ["--short-new-tokens", str(SHORT), "--long-new-tokens", str(LONG)]
+    argv += ["--json", str(paths["json"]), "--markdown", str(paths["md"]), "--plot", str(paths["png"])]
+    assert main(argv) == 0
+    return json.loads(paths["json"].read_text()), paths
+
+
+@pytest.fixture(scope="module")
+def configs():
+    return benchmark_configs("tiny")
+
+
+# Hand counts of multiply-adds x 2, the way torch's FLOP counter counts matmuls, convolutions and attention.
+def linear(rows, fan_in, fan_out):
+    return 2 * rows * fan_in * fan_out
+
+
+def attention(heads, queries, keys, head_dim, value_head_dim=None):
+    return 2 * heads * queries * keys * (head_dim + (value_head_dim or head_dim))
+
+
+def siglip_flops(vision_config, crops, layers):
+    patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    rows, width, heads = crops * patches, vision_config.hidden_size, vision_config.num_attention_heads
+    patch_embedding = linear(rows, 3 * vision_config.patch_size**2, width)
+    layer = 4 * linear(rows, width, width) + linear(rows, width, vision_config.intermediate_size) * 2
+    layer += crops * attention(heads, patches, patches, width // heads)
+    return patch_embedding + layers * layer
+
+
+def phi_flops(text_config, tokens):
+    width, heads = text_config.hidden_size, text_config.num_attention_heads
+    head_dim = width // heads
+    layer = 4 * linear(tokens, width, width) + linear(tokens, width, text_config.intermediate_size) * 2
+    layer += attention(heads, tokens, tokens, head_dim)
+    lm_head = linear(1, width, text_config.vocab_size)  # generate keeps the last position's logits only
+    return text_config.num_hidden_layers * layer + lm_head
+
+
+def expected_prefill_flops(config, model_name, crops):
+    vision, text = config.vision_config, config.text_config
+    width, text_width = vision.hidden_size, text.hidden_size
+    patches = crops * config.patch_grid_size**2
+    tokens = LAYOUT.text_tokens + patches if model_name == "peer" else LAYOUT.text_tokens
+    flops = siglip_flops(vision, crops, config.num_vision_layers)
+    if model_name == "peer":
+        return flops + linear(patches, width, text_width) + linear(patches, text_width, text_width) + phi_flops(text, tokens)
+    pooled, queries, question = crops * config.image_tokens_per_crop, config.num_query_tokens, LAYOUT.question_tokens
+    query_width, heads = config.query_hidden_size, config.query_num_heads
+    sap = linear(patches, width, width) + linear(patches, width, 1) + 2 * patches * width
+    projector = linear(pooled, width, text_width) + linear(pooled, text_width, text_width)
+    text_attention = linear(queries + question, text_width, query_width) + linear(queries, query_width, query_width)
+    text_attention += 2 * linear(question, query_width, query_width)
+    text_attention += attention(heads, queries, question, query_width // heads)
+    image_attention = linear(patches, width, query_width) + linear(queries, query_width, query_width)
+    image_attention += linear(patches, query_width, query_width) + linear(patches, width, width)
+    image_attention += attention(heads, queries, patches, query_width // heads, width // heads)
+    up = linear(queries, width, text_width)
+    embq = text_attention + image_attention + up
+    return flops + sap + projector + embq + phi_flops(text, tokens + pooled + queries)
+
+
+def test_outputs_are_well_formed(bench_run):
+    report, paths = bench_run
+    assert report["size"] == "tiny" and report["dtype"] == "float32"
+    assert set(report["variants"]) == {"base", "hd"}
+    for variant, results in report["variants"].items():
+        for name in MODEL_NAMES:
+            entry = results[name]
+            assert 0 < entry["ttft_s"] < entry[f"response_{SHORT}_s"]
+            assert entry["decode_ms_per_token"] > 0
+            assert entry["peak_memory_bytes"] >= entry["weight_bytes"] > 0
+            assert len(entry["samples_s"]["ttft"]) == 1
+            batches = {"1", "2"} if variant == "base" else {"1"}
+            assert set(entry["throughput_tokens_per_s"]) == batches
+            assert all(value > 0 for value in entry["throughput_tokens_per_s"].values())
+            assert (f"response_{LONG}_s" in entry) == (variant == "base")  # long answers: base variant only
+        parts = results["flashsloth"]["prefill_parts_s"]
+        assert 0 < parts["sap"] + parts["embq"] < parts["prefill"]
+        advantage = results["advantage"]
+        assert advantage["ttft_s"] == pytest.approx(results["peer"]["ttft_s"] / results["flashsloth"]["ttft_s"])
+    goals = {goal["name"]: goal for goal in report["goals"]}
+    assert "base: TTFT ratio / counted-FLOP ratio" in goals and "base: throughput at batch 2, FlashSloth / peer" in goals
+    assert all(isinstance(goal["met"], bool) for goal in goals.values())
+
+    markdown = paths["md"].read_text()
+    assert markdown == format_markdown(report)
+    table = [line for line in markdown.splitlines() if line.startswith("| ") and "goal" not in line]
+    metric_rows = [line for line in table if line.count("|") == 8]  # metric + 2 variants x 3 columns
+    assert len(metric_rows) >= 12 and metric_rows[0].startswith("| metric | FlashSloth |")
+    assert any(line.startswith("| visual tokens per image | 90 | 729 |") for line in metric_rows)
+    assert sum(line.count("|") == 5 for line in table) == len(goals)  # the goal table, one row per goal
+
+    png = paths["png"].read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    matplotlib = pytest.importorskip("matplotlib.image")
+    image = matplotlib.imread(str(paths["png"]))
+    assert image.shape[0] > 200 and image.shape[1] > 600 and image.std() > 0
+
+
+def test_visual_tokens_follow_the_configs(bench_run, configs):
+    report, _ = bench_run
+    config = configs[0]
+    assert config.patch_grid_size == 27 and config.image_tokens_per_crop == 81  # 384 px, 14 px patches, 3x3 windows
+    for variant, crops in VARIANT_CROPS.items():
+        results = report["variants"][variant]
+        assert results["flashsloth"]["visual_tokens"] == 81 * crops + 9
+        assert results["peer"]["visual_tokens"] == 729 * crops
+        assert results["flashsloth"]["prompt_tokens"] == LAYOUT.text_tokens + 81 * crops + 9
+        assert results["peer"]["prompt_tokens"] == LAYOUT.text_tokens + 729 * crops
+    assert LAYOUT.text_tokens == 50 and LAYOUT.prefix_tokens == 32  # the real one-turn prompt with Phi-2's tokenizer
+
+
+def test_kv_cache_bytes_are_the_formula_and_what_the_cache_holds(bench_run, configs):
+    report, _ = bench_run
+    text = configs[0].text_config
+    head_dim = text.hidden_size // text.num_attention_heads
+    for results in report["variants"].values():
+        for name in MODEL_NAMES:
+            entry = results[name]
+            expected = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * entry["prompt_tokens"] * 4
+            assert entry["kv_cache_bytes"] == entry["kv_cache_bytes_measured"] == expected
+    assert report["variants"]["base"]["advantage"]["kv_cache_bytes"] == pytest.approx(779 / 140)
+
+
+def test_counted_prefill_flops_equal_hand_counts(bench_run, configs):
+    report, _ = bench_run
+    for variant, crops in VARIANT_CROPS.items():
+        for name in MODEL_NAMES:
+            assert report["variants"][variant][name]["prefill_flops"] == expected_prefill_flops(configs[0], name, crops)
+
+
+def test_full_size_flop_ratios_are_the_issue_ceilings():
+    config = benchmark_configs("full")[0]
+    assert config.num_vision_layers == 26 and config.text_config.num_hidden_layers == 32
+    base = expected_prefill_flops(config, "peer", 1) / expected_prefill_flops(config, "flashsloth", 1)
+    hd = expected_prefill_flops(config, "peer", 5) / expected_prefill_flops(config, "flashsloth", 5)
+    assert base == pytest.approx(3.4, abs=0.15) and hd == pytest.approx(4.7, abs=0.1)  # "about 3.4x", "about 4.7x"
+
+
+def test_peer_is_native_llava_on_flashsloths_own_modules():
+    flashsloth, peer = build_models("tiny", torch.float32, "cpu")
+    assert type(peer).__name__ == "LlavaForConditionalGeneration"
+    assert peer.model.language_model is flashsloth.model.language_model and peer.lm_head is flashsloth.lm_head
+    inputs = build_inputs(flashsloth.config, "peer", 5, 1, LAYOUT)
+    with torch.inference_mode():
+        features = flashsloth.get_image_features(inputs["pixel_values"]).vision_features
+        expected = flashsloth.model.multi_modal_projector.linear_2(
+            torch.nn.functional.gelu(flashsloth.model.multi_modal_projector.linear_1(features))
+        )
+        peer_features = peer.get_image_features(inputs["pixel_values"]).pooler_output
+    assert len(peer_features) == 5 and peer_features[0].shape == (729, flashsloth.config.text_config.hidden_size)
+    torch.testing.assert_close(torch.stack(peer_features), expected)
+
+
+def test_decoding_steps_skip_the_vision_tower_and_embq():
+    flashsloth, _ = build_models("tiny", torch.float32, "cpu")
+    inputs = build_inputs(flashsloth.config, "flashsloth", 1, 2, LAYOUT)
+    calls = []
+    model = flashsloth.model
+    handles = [
+        module.register_forward_hook(lambda module, args, output, name=name: calls.append(name))
+        for name, module in (("vision", model.vision_tower), ("embq", model.embedded_query), ("layer", model.language_model.layers[0]))
+    ]
+    with torch.inference_mode():
+        output_ids = flashsloth.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    for handle in handles:
+        handle.remove()
+    assert output_ids.shape[1] == inputs["input_ids"].shape[1] + 4
+    assert calls.count("vision") == 1 and calls.count("embq") == 1 and calls.count("layer") == 4
+
+
+def test_cli_registers_bench_and_rejects_bad_settings(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    help_text = capsys.readouterr().out
+    for option in ("--size", "--variants", "--batch-sizes", "--long-new-tokens", "--json", "--markdown", "--plot", "--compile"):
+        assert option in help_text
+    assert cli.main(["bench", "--short-new-tokens", "8", "--long-new-tokens", "4"]) == 2
+    assert "long answers more than short ones" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--batch-sizes", "0"])
+    assert cli.main(["bench", "--json", "/no/such/folder/speed.json"]) == 2
+    assert "does not exist" in capsys.readouterr().err
