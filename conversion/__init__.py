@@ -7,8 +7,11 @@ import importlib
 
 
 _EXPORTS = {
+    "ConversionError": ".convert",
     "build_from_components": ".build",
+    "convert_original_checkpoint": ".convert",
     "default_generation_config": ".export",
+    "push_folder_to_hub": ".hub",
     "render_model_card": ".export",
     "save_native_checkpoint": ".export",
 }
