@@ -55,7 +55,14 @@ def test_adapters_only_on_the_language_model_linear_layers(processor):
     expected = {
         f"base_model.model.model.language_model.layers.{index}.{path}"
         for index in range(layers)
-        for path in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense", "mlp.fc1", "mlp.fc2")
+        for path in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.dense",
+            "mlp.fc1",
+            "mlp.fc2",
+        )
     }
     assert adapted == expected  # not the same-named layers of SigLIP, SAP or EmbQ
     trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
@@ -118,7 +125,9 @@ def test_adapter_loads_on_the_base_folder_and_equals_the_merged_model(lora_run, 
     adapted = PeftModel.from_pretrained(base, run_dir / "adapter").eval()
     assert not torch.equal(adapted.get_base_model().model.query_tokens, base_query_tokens)
     torch.testing.assert_close(adapted.get_base_model().model.query_tokens, merged.model.query_tokens)
-    checked = load_adapter(AutoModelForImageTextToText.from_pretrained(base_dir, trust_remote_code=True), run_dir / "adapter")
+    checked = load_adapter(
+        AutoModelForImageTextToText.from_pretrained(base_dir, trust_remote_code=True), run_dir / "adapter"
+    )
 
     merged_folder = AutoModelForImageTextToText.from_pretrained(run_dir / "model", trust_remote_code=True).eval()
     with torch.no_grad():
@@ -126,7 +135,9 @@ def test_adapter_loads_on_the_base_folder_and_equals_the_merged_model(lora_run, 
         torch.testing.assert_close(checked.eval()(**batch).logits, adapter_logits, rtol=0, atol=0)
         torch.testing.assert_close(merged.eval()(**batch).logits, adapter_logits, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(merged_folder(**batch).logits, adapter_logits, rtol=1e-4, atol=1e-4)
-        base_logits = AutoModelForImageTextToText.from_pretrained(base_dir, trust_remote_code=True).eval()(**batch).logits
+        base_logits = (
+            AutoModelForImageTextToText.from_pretrained(base_dir, trust_remote_code=True).eval()(**batch).logits
+        )
     assert (base_logits - adapter_logits).abs().max() > 1e-2  # the adapter does change the model
 
 

@@ -1,7 +1,6 @@
 """Training on transformers' Trainer: stages, loss, gradient checkpointing, resuming, the saved folder, the CLI."""
 
 import copy
-import json
 import os
 import shutil
 import signal
@@ -171,7 +170,9 @@ def test_gradient_checkpointing_applies_and_keeps_loss_and_gradients(processor, 
         loss = model(**batch, use_cache=False).loss
         loss.backward()
         hook.remove()
-        gradients = {name: parameter.grad.clone() for name, parameter in model.named_parameters() if parameter.grad is not None}
+        gradients = {
+            name: parameter.grad.clone() for name, parameter in model.named_parameters() if parameter.grad is not None
+        }
         results.append((loss.detach(), gradients, len(calls)))
     (plain_loss, plain_grads, plain_calls), (checkpointed_loss, checkpointed_grads, checkpointed_calls) = results
     # The checkpointed layer runs again in the backward pass: checkpointing really applies to FlashSloth's own loop.
@@ -357,7 +358,18 @@ def test_cli_trains_a_saved_checkpoint_end_to_end(processor, tmp_path):
     save_tiny_checkpoint(tmp_path / "base", processor)
     data = write_llava_json(tmp_path / "data", num_samples=6)
     common = ["--model", tmp_path / "base", "--data", data, "--images", tmp_path / "data" / "images"]
-    common += ["--output", tmp_path / "run", "--stage", "2", "--batch-size", "2", "--lr", "3e-3", "--logging-steps", "1"]
+    common += [
+        "--output",
+        tmp_path / "run",
+        "--stage",
+        "2",
+        "--batch-size",
+        "2",
+        "--lr",
+        "3e-3",
+        "--logging-steps",
+        "1",
+    ]
     result = run_cli(*common, "--max-steps", "2", "--save-steps", "2", "--group-by-length", "--seed", "1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "language_model" in result.stdout and "trainable" in result.stdout  # the table of trainable parameters
@@ -376,7 +388,11 @@ def test_cli_trains_a_saved_checkpoint_end_to_end(processor, tmp_path):
     assert (tmp_path / "lora" / "adapter" / "adapter_model.safetensors").is_file()
     merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "lora" / "model", trust_remote_code=True)
     assert changed_groups(base.state_dict(), merged.state_dict())[0] == {
-        "spatial_pooling", "multi_modal_projector", "query_tokens", "embedded_query", "language_model"
+        "spatial_pooling",
+        "multi_modal_projector",
+        "query_tokens",
+        "embedded_query",
+        "language_model",
     }
 
 
@@ -389,8 +405,24 @@ def test_cli_reports_user_errors_in_one_line(tmp_path, capsys):
     config = tmp_path / "ds.json"
     config.write_text("{}")
     cases = [
-        (["train", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "no.json"), "--output", "x", "--stage", "1"], f"training data not found: {tmp_path / 'no.json'}"),
-        (["train", "--model", str(tmp_path / "none"), "--data", str(data), "--output", "x", "--stage", "1"], "model folder not found"),
+        (
+            [
+                "train",
+                "--model",
+                str(tmp_path / "model"),
+                "--data",
+                str(tmp_path / "no.json"),
+                "--output",
+                "x",
+                "--stage",
+                "1",
+            ],
+            f"training data not found: {tmp_path / 'no.json'}",
+        ),
+        (
+            ["train", "--model", str(tmp_path / "none"), "--data", str(data), "--output", "x", "--stage", "1"],
+            "model folder not found",
+        ),
         (common + ["--stage", "1", "--lora"], "only stage 2 trains"),
         (common + ["--stage", "1", "--train-vision-tower"], "belongs to stage 2"),
         (common + ["--stage", "2", "--warmup-ratio", "1.5"], "--warmup-ratio"),

@@ -53,7 +53,11 @@ def test_llava_to_messages_without_marker_and_without_image():
         ([], False, "empty"),
         ([{"from": "robot", "value": "hi"}, {"from": "gpt", "value": "a"}], False, "unknown speaker"),
         ([{"from": "gpt", "value": "a"}, {"from": "human", "value": "q"}], False, "alternate"),
-        ([{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}, {"from": "human", "value": "q2"}], False, "ends with a human"),
+        (
+            [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}, {"from": "human", "value": "q2"}],
+            False,
+            "ends with a human",
+        ),
         ([{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}], False, "marker"),
         ([{"from": "human", "value": "q"}, {"from": "gpt", "value": "<image> a"}], True, "answer with"),
         ([{"from": "human", "value": "q"}], False, "ends with a human"),
@@ -96,7 +100,9 @@ def test_dataset_rejects_bad_files_and_records(tmp_path):
     with pytest.raises(ValueError, match="id 'x1'"):
         LlavaDataset(bad_record)
     with pytest.raises(ValueError, match="relative"):
-        LlavaDataset([{"image": "a.png", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}])[0]
+        LlavaDataset(
+            [{"image": "a.png", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}]
+        )[0]
 
 
 def expected_prompt(turns, has_image):
@@ -141,7 +147,14 @@ def test_collator_builds_the_training_prompt_and_labels_only_the_answers(process
     ]
     dataset = LlavaDataset(records)
     batch = FlashSlothDataCollator(processor)([dataset[0], dataset[1]])
-    assert set(batch) == {"input_ids", "attention_mask", "labels", "instruction_mask", "pixel_values", "image_num_crops"}
+    assert set(batch) == {
+        "input_ids",
+        "attention_mask",
+        "labels",
+        "instruction_mask",
+        "pixel_values",
+        "image_num_crops",
+    }
 
     tokenizer = processor.tokenizer
     cases = [
@@ -170,7 +183,9 @@ def test_collator_builds_the_training_prompt_and_labels_only_the_answers(process
         runs = [tokenizer.decode(run).strip() for run in labelled_runs(labels)]
         assert runs == [f"{answer}</s>" for _, answer in turns]
 
-    assert torch.equal(batch["pixel_values"], processor.image_processor([colour_image("blue")], return_tensors="pt")["pixel_values"])
+    assert torch.equal(
+        batch["pixel_values"], processor.image_processor([colour_image("blue")], return_tensors="pt")["pixel_values"]
+    )
     assert batch["image_num_crops"].tolist() == [1]
 
 

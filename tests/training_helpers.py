@@ -75,7 +75,10 @@ def llava_records(num_samples: int = 8, image_folder: Path | None = None, text_o
             {"from": "gpt", "value": colour},
         ]
         if index % 3 == 2:
-            conversations += [{"from": "human", "value": "Is it red?"}, {"from": "gpt", "value": "yes" if colour == "red" else "no"}]
+            conversations += [
+                {"from": "human", "value": "Is it red?"},
+                {"from": "gpt", "value": "yes" if colour == "red" else "no"},
+            ]
         image = colour_image(colour, seed=index)
         if image_folder is not None:
             name = f"image-{index}.png"
@@ -130,7 +133,11 @@ def _distributed_main(output_dir: Path):
 
     class RecordRank(TrainerCallback):
         def on_train_end(self, args, state, control, model=None, **kwargs):
-            result = {"hash": parameter_hash(model), "losses": logged_losses(state.log_history), "step": state.global_step}
+            result = {
+                "hash": parameter_hash(model),
+                "losses": logged_losses(state.log_history),
+                "step": state.global_step,
+            }
             (output_dir / f"rank-{args.process_index}.json").write_text(json.dumps(result))
 
     train(

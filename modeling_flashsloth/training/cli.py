@@ -27,30 +27,92 @@ def add_commands(subparsers):
         "LoRA, the adapter in OUTPUT/adapter. For several processes: torchrun --nproc_per_node N -m flashsloth.cli "
         "train ..."
     )
-    parser = subparsers.add_parser("train", help="Train a FlashSloth checkpoint (stage 1 or 2, full or LoRA).", description=description)
-    parser.add_argument("--model", required=True, metavar="DIR", help="FlashSloth checkpoint folder (model and processor) to start from.")
-    parser.add_argument("--data", required=True, metavar="JSON", help="LLaVA-format JSON file: a list of {id, image, conversations}.")
-    parser.add_argument("--images", metavar="DIR", help="Folder the image paths of the JSON are relative to (default: the JSON's folder).")
-    parser.add_argument("--output", required=True, metavar="DIR", help="Run folder for checkpoints and the final model.")
-    parser.add_argument("--stage", required=True, type=int, choices=(1, 2), help="1: SAP + projector; 2: instruction tuning.")
-    parser.add_argument("--train-vision-tower", action="store_true", help="Stage 2 only: also train the vision encoder (the HD recipe).")
-    parser.add_argument("--lora", action="store_true", help="Stage 2 with LoRA adapters on the language model instead of training it fully.")
-    parser.add_argument("--qlora", action="store_true", help="Like --lora with the language model loaded in 4-bit (needs bitsandbytes and a CUDA GPU).")
+    parser = subparsers.add_parser(
+        "train", help="Train a FlashSloth checkpoint (stage 1 or 2, full or LoRA).", description=description
+    )
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="DIR",
+        help="FlashSloth checkpoint folder (model and processor) to start from.",
+    )
+    parser.add_argument(
+        "--data", required=True, metavar="JSON", help="LLaVA-format JSON file: a list of {id, image, conversations}."
+    )
+    parser.add_argument(
+        "--images",
+        metavar="DIR",
+        help="Folder the image paths of the JSON are relative to (default: the JSON's folder).",
+    )
+    parser.add_argument(
+        "--output", required=True, metavar="DIR", help="Run folder for checkpoints and the final model."
+    )
+    parser.add_argument(
+        "--stage", required=True, type=int, choices=(1, 2), help="1: SAP + projector; 2: instruction tuning."
+    )
+    parser.add_argument(
+        "--train-vision-tower",
+        action="store_true",
+        help="Stage 2 only: also train the vision encoder (the HD recipe).",
+    )
+    parser.add_argument(
+        "--lora",
+        action="store_true",
+        help="Stage 2 with LoRA adapters on the language model instead of training it fully.",
+    )
+    parser.add_argument(
+        "--qlora",
+        action="store_true",
+        help="Like --lora with the language model loaded in 4-bit (needs bitsandbytes and a CUDA GPU).",
+    )
     parser.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (default: %(default)s).")
     parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: twice the rank).")
     parser.add_argument("--epochs", type=float, default=1.0, help="Training epochs (default: %(default)s).")
-    parser.add_argument("--max-steps", type=int, default=-1, help="Stop after this many optimizer steps; overrides --epochs (default: off).")
-    parser.add_argument("--batch-size", type=int, default=4, help="Samples per process per forward pass (default: %(default)s).")
-    parser.add_argument("--gradient-accumulation-steps", type=int, default=1, help="Forward passes per optimizer step (default: %(default)s).")
-    parser.add_argument("--lr", type=float, default=None, help="Peak learning rate (default: 1e-3 in stage 1, 2e-5 in stage 2, as in the paper).")
-    parser.add_argument("--warmup-ratio", type=float, default=0.03, help="Fraction of the steps spent warming up (default: %(default)s).")
-    parser.add_argument("--lr-scheduler", choices=SCHEDULERS, default="cosine", help="Learning-rate schedule (default: %(default)s).")
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=-1,
+        help="Stop after this many optimizer steps; overrides --epochs (default: off).",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=4, help="Samples per process per forward pass (default: %(default)s)."
+    )
+    parser.add_argument(
+        "--gradient-accumulation-steps",
+        type=int,
+        default=1,
+        help="Forward passes per optimizer step (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="Peak learning rate (default: 1e-3 in stage 1, 2e-5 in stage 2, as in the paper).",
+    )
+    parser.add_argument(
+        "--warmup-ratio",
+        type=float,
+        default=0.03,
+        help="Fraction of the steps spent warming up (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--lr-scheduler", choices=SCHEDULERS, default="cosine", help="Learning-rate schedule (default: %(default)s)."
+    )
     parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: %(default)s).")
-    parser.add_argument("--max-length", type=int, default=None, help="Longest sample in tokens, images expanded; a longer one is an error (default: the tokenizer's limit).")
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="Longest sample in tokens, images expanded; a longer one is an error (default: the tokenizer's limit).",
+    )
     precision = parser.add_mutually_exclusive_group()
     precision.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision (default: float32).")
     precision.add_argument("--fp16", action="store_true", help="float16 mixed precision with loss scaling (GPU only).")
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="Recompute activations in the backward pass to save memory.")
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="Recompute activations in the backward pass to save memory.",
+    )
     parser.add_argument(
         "--resume",
         nargs="?",
@@ -59,12 +121,22 @@ def add_commands(subparsers):
         metavar="CHECKPOINT",
         help="Continue an interrupted run: from the last completely saved checkpoint of --output, or from CHECKPOINT.",
     )
-    parser.add_argument("--group-by-length", action="store_true", help="Batch samples of similar length together (less padding).")
+    parser.add_argument(
+        "--group-by-length", action="store_true", help="Batch samples of similar length together (less padding)."
+    )
     parser.add_argument("--seed", type=int, default=42, help="Random seed (default: %(default)s).")
-    parser.add_argument("--save-steps", type=int, default=500, help="Save a checkpoint every this many steps (default: %(default)s).")
-    parser.add_argument("--save-total-limit", type=int, default=None, help="Keep at most this many checkpoints (default: all).")
-    parser.add_argument("--logging-steps", type=int, default=10, help="Log the loss every this many steps (default: %(default)s).")
-    parser.add_argument("--num-workers", type=int, default=0, help="Data loading worker processes (default: %(default)s).")
+    parser.add_argument(
+        "--save-steps", type=int, default=500, help="Save a checkpoint every this many steps (default: %(default)s)."
+    )
+    parser.add_argument(
+        "--save-total-limit", type=int, default=None, help="Keep at most this many checkpoints (default: all)."
+    )
+    parser.add_argument(
+        "--logging-steps", type=int, default=10, help="Log the loss every this many steps (default: %(default)s)."
+    )
+    parser.add_argument(
+        "--num-workers", type=int, default=0, help="Data loading worker processes (default: %(default)s)."
+    )
     parser.add_argument(
         "--deepspeed",
         metavar="CONFIG",
@@ -114,7 +186,9 @@ def _load(args: argparse.Namespace):
         if args.qlora:
             model = load_model_for_qlora(args.model, compute_dtype=torch.float16 if args.fp16 else torch.bfloat16)
         else:
-            model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True, dtype=torch.float32)
+            model = AutoModelForImageTextToText.from_pretrained(
+                args.model, trust_remote_code=True, dtype=torch.float32
+            )
     except (OSError, ValueError, RuntimeError, ImportError) as error:
         raise CliError(f"cannot load {args.model}: {error}") from error
     return model, processor

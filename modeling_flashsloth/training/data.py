@@ -193,11 +193,11 @@ class FlashSlothDataCollator:
     """
     Batch [`LlavaDataset`] items into FlashSloth training inputs with the processor and its chat template.
 
-    The prompt is the chat template's (the same text the model sees at inference): `SYSTEM USER: <image>\\nq1<learnable>
-    ASSISTANT: a1</s>USER: q2<learnable> ASSISTANT: a2</s>`, one query block per user turn when the sample has an
-    image, none for text-only samples (both kinds mix in one batch). `labels` are the input ids on the assistant
-    answers and their `</s>` (the template's `{% generation %}` spans) and -100 elsewhere, padding included; the model
-    shifts them itself. Padding is on the right, so every sample's positions start at 0.
+    The prompt is the chat template's (the same text the model sees at inference):
+    `SYSTEM USER: <image>\\nq1<learnable> ASSISTANT: a1</s>USER: q2<learnable> ASSISTANT: a2</s>`, one query block per
+    user turn when the sample has an image, none for text-only samples (both kinds mix in one batch). `labels` are the
+    input ids on the assistant answers and their `</s>` (the template's `{% generation %}` spans) and -100 elsewhere,
+    padding included; the model shifts them itself. Padding is on the right, so every sample's positions start at 0.
 
     Returns a dict with `input_ids`, `attention_mask`, `labels`, `instruction_mask` `[batch, length]`, and
     `pixel_values` `[total_crops, 3, H, W]` / `image_num_crops` `[num_images]` when the batch has images.

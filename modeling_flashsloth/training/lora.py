@@ -103,7 +103,9 @@ def add_query_tokens_to_adapter(peft_model: nn.Module, adapter_dir: str | os.Pat
     """Write the query tokens into the adapter file that `peft_model.save_pretrained(adapter_dir)` wrote."""
     path = Path(adapter_dir) / ADAPTER_WEIGHTS_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"No {ADAPTER_WEIGHTS_NAME} in {adapter_dir}: save the adapter with safetensors first.")
+        raise FileNotFoundError(
+            f"No {ADAPTER_WEIGHTS_NAME} in {adapter_dir}: save the adapter with safetensors first."
+        )
     tensors = load_file(path)
     tensors[QUERY_TOKENS_ADAPTER_KEY] = query_tokens_parameter(peft_model).detach().to("cpu").contiguous()
     temporary = path.with_name(f".{path.name}.tmp")
@@ -157,9 +159,13 @@ def load_model_for_qlora(model_dir: str | os.PathLike, compute_dtype: torch.dtyp
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as error:
-        raise ImportError("QLoRA needs bitsandbytes and a CUDA GPU: `pip install bitsandbytes`, or use --lora.") from error
+        raise ImportError(
+            "QLoRA needs bitsandbytes and a CUDA GPU: `pip install bitsandbytes`, or use --lora."
+        ) from error
     if not torch.cuda.is_available():
-        raise RuntimeError("QLoRA needs a CUDA GPU (bitsandbytes' 4-bit layers run on GPU); use plain LoRA on the CPU.")
+        raise RuntimeError(
+            "QLoRA needs a CUDA GPU (bitsandbytes' 4-bit layers run on GPU); use plain LoRA on the CPU."
+        )
     from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
     quantization_config = BitsAndBytesConfig(

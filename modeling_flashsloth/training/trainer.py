@@ -239,7 +239,8 @@ def train(
             (incomplete ones, from a run killed while saving, are skipped), or a checkpoint folder.
         callbacks: extra `TrainerCallback`s.
         **training_arguments: any `TrainingArguments` field, e.g. `num_train_epochs`, `max_steps`,
-            `per_device_train_batch_size`, `gradient_accumulation_steps`, `learning_rate`, `warmup_steps` (below 1: a fraction),
+            `per_device_train_batch_size`, `gradient_accumulation_steps`, `learning_rate`, `warmup_steps` (below 1:
+            a fraction),
             `lr_scheduler_type`, `bf16`, `fp16`, `activation_checkpointing`, `train_sampling_strategy=
             "group_by_length"`, `save_steps`, `logging_steps`, `seed`, `deepspeed`, `fsdp`.
 
@@ -263,6 +264,16 @@ def train(
     model = trainer.model
     run_dir = Path(trainer.args.output_dir)
     is_main_process = trainer.is_world_process_zero()
+    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        if _is_peft_model(model):
+            raise ValueError(
+                "Merging LoRA adapters of a DeepSpeed/FSDP-sharded model is not supported; train LoRA with DDP."
+            )
+        # The weights are sharded across processes: the Trainer gathers them (every process takes part).
+        trainer.save_model(str(run_dir / MODEL_FOLDER))
+        if is_main_process:
+            default_generation_config(processor).save_pretrained(run_dir / MODEL_FOLDER)
+        return model
     if _is_peft_model(model):
         save_adapter(model, run_dir / ADAPTER_FOLDER, is_main_process=is_main_process)
         model = merge_lora(model)
