@@ -109,7 +109,7 @@ def train_sentencepiece(vocab_size: int = 120) -> bytes:
     return model.getvalue()
 
 
-def make_llama(directory: Path, seed: int = 0) -> Path:
+def make_llama(directory: Path, seed: int = 0, tie_word_embeddings: bool = False) -> Path:
     """A tiny Llama causal LM (no lm_head bias) with a tokenizer made from a sentencepiece model trained here."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "tokenizer.model").write_bytes(train_sentencepiece())
@@ -119,7 +119,7 @@ def make_llama(directory: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(vocab), num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
-        **TINY_DECODER,
+        tie_word_embeddings=tie_word_embeddings, **TINY_DECODER,
     )
     perturb_(LlamaForCausalLM(config), seed).save_pretrained(directory)
     return directory

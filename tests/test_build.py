@@ -148,6 +148,18 @@ def test_llama_build_uses_the_sentencepiece_tokenizer(components):
     assert default_generation_config(processor).eos_token_id == [tokenizer.eos_token_id]
 
 
+def test_tied_embeddings_stay_tied(tmp_path, components):
+    text_model = make_llama(tmp_path / "llama_tied", tie_word_embeddings=True)
+    model, processor = build_from_components(components["siglip_vision"], text_model, **TINY_BUILD_OVERRIDES)
+    embeddings = model.get_input_embeddings().weight
+    assert model.config.tie_word_embeddings and model.lm_head.weight.data_ptr() == embeddings.data_ptr()
+    torch.testing.assert_close(embeddings[:120], AutoModelForCausalLM.from_pretrained(text_model).lm_head.weight, rtol=0, atol=0)
+    folder = save_native_checkpoint(model.eval(), processor, tmp_path / "saved")
+    loaded = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
+    assert loaded.lm_head.weight.data_ptr() == loaded.get_input_embeddings().weight.data_ptr()
+    torch.testing.assert_close(loaded.lm_head.weight, embeddings, rtol=0, atol=0)
+
+
 def test_phi2_anchor_is_the_released_one():
     assert default_query_anchor_token_id(released_tokenizer()) == 764
 
