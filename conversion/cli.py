@@ -10,8 +10,8 @@ from flashsloth.cli_errors import CliError
 
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
-# Errors that mean bad input (paths, files, options, network): shown as one line instead of a traceback.
-USER_ERRORS = (FileExistsError, FileNotFoundError, NotADirectoryError, ValueError, ConnectionError, ImportError)
+# Errors that mean bad input or a bad environment (paths, files, options, network, disk): one line, no traceback.
+USER_ERRORS = (OSError, ValueError, ImportError)
 
 
 def _output_options() -> argparse.ArgumentParser:
@@ -142,7 +142,7 @@ def _check_hub_options(args: argparse.Namespace):
         given = [option for option, value in (("--revision", args.revision), ("--commit-message", args.commit_message),
                  ("--private", args.private), ("--dry-run", args.dry_run)) if value]
         if given:
-            raise CliError(f"{', '.join(given)} only apply with --push-to-hub REPO")
+            raise CliError(f"{', '.join(given)}: only used with --push-to-hub REPO")
 
 
 def _model_card_context(args: argparse.Namespace) -> dict[str, str]:

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoTokenizer
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import logging
+from transformers.utils.hub import convert_file_size_to_int
 
 from flashsloth.configuration_flashsloth import FlashSlothConfig
 from flashsloth.modeling_flashsloth import FlashSlothForConditionalGeneration
@@ -247,6 +248,7 @@ def convert_original_checkpoint(
         `Path`: the converted folder.
     """
     target = check_output_dir(output_dir, force)
+    convert_file_size_to_int(max_shard_size)  # a bad size fails before any download
     source_dir = resolve_source(source, revision, allow_pickle)
     _check_not_overlapping(source_dir, target)
     original_config = read_original_config(source_dir)

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, SiglipVisionModel
 
 from conversion_helpers import TINY_BUILD_OVERRIDES, make_llama, make_phi, make_siglip, released_tokenizer
+from flashsloth.cli import main
 from flashsloth.conversion import build_from_components, default_generation_config, save_native_checkpoint
 from flashsloth.conversion.build import default_query_anchor_token_id, default_query_layer_index
 
@@ -216,3 +217,24 @@ def test_save_refuses_to_overwrite_and_replaces_with_force(tmp_path, built_phi):
     assert {tensor.dtype for tensor in load_file(target / "model.safetensors").values()} == {torch.bfloat16}
     assert 'model_id = "me/tiny"' in (target / "README.md").read_text()
     assert next(model.parameters()).dtype == torch.float32  # the model itself is left as it was
+
+
+def test_build_command(tmp_path, components, capsys):
+    target = tmp_path / "built"
+    arguments = ["build", "--vision", str(components["siglip"]), "--text", str(components["llama"]), str(target)]
+    assert main(arguments + ["--hd", "--dtype", "bfloat16", "--set", "query_hidden_size=32", "--set", "query_layer_index=3"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"Wrote {target}"]
+    config = json.loads((target / "config.json").read_text())
+    assert (config["num_crops"], config["query_hidden_size"], config["query_layer_index"]) == (5, 32, 3)
+    assert config["dtype"] == "bfloat16" and config["lm_head_bias"] is False
+    processor = AutoProcessor.from_pretrained(target, trust_remote_code=True)
+    assert processor.image_processor.image_hd and type(processor.tokenizer).__name__ == "LlamaTokenizer"
+
+    assert main(arguments) == 2  # DST exists
+    assert "not empty" in capsys.readouterr().err
+    missing = ["build", "--vision", str(tmp_path / "nowhere"), "--text", str(components["llama"]), str(tmp_path / "x")]
+    assert main(missing) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("flashsloth: error: ") and error.count("\n") == 1 and "nowhere" in error
+    assert main(arguments[:-1] + [str(tmp_path / "y"), "--set", "query_hidden_size"]) == 2
+    assert "--set takes KEY=VALUE" in capsys.readouterr().err

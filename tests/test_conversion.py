@@ -137,16 +137,6 @@ def test_converted_folder_layout(converted, sources):
     assert "{{" not in readme and f"Converted from `{sources['base']}`" in readme
 
 
-def test_dtype_option_casts_every_tensor(sources, tmp_path):
-    folder = convert_original_checkpoint(sources["base"], tmp_path / "bf16", dtype="bfloat16", max_shard_size="1GB")
-    assert (folder / "model.safetensors").is_file() and not (folder / "model.safetensors.index.json").exists()
-    assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
-    tensors = load_file(folder / "model.safetensors")
-    original = regenerate_original_state_dict(ParityFixture("base").dir)
-    assert {tensor.dtype for tensor in tensors.values()} == {torch.bfloat16}
-    assert torch.equal(tensors["model.query_tokens"], original["model.learnable_tokens.token"].to(torch.bfloat16))
-
-
 def test_research_code_config_and_pickled_weights(tmp_path):
     """The research code's own format (model_type flashsloth, one .bin file) converts with allow_pickle only."""
     source = make_original_checkpoint(tmp_path / "source", "base", num_shards=1, hub_style=False, dtype=torch.float16)
@@ -158,9 +148,16 @@ def test_research_code_config_and_pickled_weights(tmp_path):
     assert no_leftovers(tmp_path, "out")
     folder = convert_original_checkpoint(source, tmp_path / "out", allow_pickle=True)
     converted_tensors = load_file(folder / "model.safetensors")
-    # 'auto' follows the config's torch_dtype (float32), not the weights' float16.
+    # 'auto' follows the config's torch_dtype (float32), not the weights' float16; one shard under 2GB, no index.
     assert {tensor.dtype for tensor in converted_tensors.values()} == {torch.float32}
     assert torch.equal(converted_tensors["lm_head.weight"], tensors["lm_head.weight"].float())
+    assert not (folder / "model.safetensors.index.json").exists()
+
+    folder = convert_original_checkpoint(source, tmp_path / "bf16", allow_pickle=True, dtype="bfloat16")
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
+    converted_tensors = load_file(folder / "model.safetensors")
+    assert {tensor.dtype for tensor in converted_tensors.values()} == {torch.bfloat16}
+    assert torch.equal(converted_tensors["model.query_tokens"], tensors["model.learnable_tokens.token"].to(torch.bfloat16))
 
 
 def copy_source(source, destination):
@@ -396,7 +393,9 @@ def test_cli_convert_with_dry_run_push(sources, tmp_path, capsys):
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "not empty" in error and "--force" in error
     assert main(["convert", str(source), str(tmp_path / "other"), "--dry-run"]) == 2
-    assert "--dry-run only apply with --push-to-hub" in capsys.readouterr().err
+    assert "--dry-run: only used with --push-to-hub REPO" in capsys.readouterr().err
+    assert main(["convert", str(source), str(tmp_path / "other"), "--max-shard-size", "lots"]) == 2
+    assert "`size` is not in a valid format" in capsys.readouterr().err
     assert main(["convert", str(source), str(tmp_path / "other")]) == 2  # no vision config anywhere
     assert "--vision-config FILE" in capsys.readouterr().err
     assert no_leftovers(tmp_path, "other")
