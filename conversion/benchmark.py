@@ -53,7 +53,8 @@ processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
 loaded = time.perf_counter()
 image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8))
 messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]}]
-inputs = processor(images=[image], text=processor.apply_chat_template(messages, add_generation_prompt=True), return_tensors="pt")
+prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+inputs = processor(images=[image], text=prompt, return_tensors="pt")
 with torch.inference_mode():
     logits = model(**inputs).logits
 done = time.perf_counter()
@@ -114,7 +115,10 @@ def synthetic_tokenizer():
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=400,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     backend.train_from_iterator(TOKENIZER_CORPUS, trainer)
     return PreTrainedTokenizerFast(
@@ -223,7 +227,8 @@ def main(argv=None) -> dict:
         figures["source_shard_bytes"] = [shard.stat().st_size for shard in shards]
         largest = max(figures["source_shard_bytes"])
 
-        convert = run_child(CONVERT_SCRIPT, "convert", str(source), str(target), "--max-shard-size", args.max_shard_size)
+        arguments = ["convert", str(source), str(target), "--max-shard-size", args.max_shard_size]
+        convert = run_child(CONVERT_SCRIPT, *arguments)
         figures["convert_wall_s"] = convert["wall_s"]
         figures["convert_in_process_s"] = convert["in_process_s"]
         figures["convert_peak_rss_bytes"] = convert["peak_rss_kib"] * 1024
@@ -243,16 +248,21 @@ def main(argv=None) -> dict:
                 shutil.rmtree(workdir, ignore_errors=True)
 
     total = sum(figures["source_shard_bytes"])
-    print(f"source: {len(shards)} shards, {total / 1e9:.2f} GB, largest {largest / 1e9:.2f} GB, written in {figures['source_write_s']:.0f} s")
+    print(
+        f"source: {len(shards)} shards, {total / 1e9:.2f} GB, largest {largest / 1e9:.2f} GB, "
+        f"written in {figures['source_write_s']:.0f} s"
+    )
     print(
         f"convert: {figures['convert_wall_s']:.0f} s wall ({figures['convert_in_process_s']:.0f} s in the command, "
-        f"{total / figures['convert_in_process_s'] / 1e6:.0f} MB/s), peak RSS {figures['convert_peak_rss_bytes'] / 1e9:.2f} GB "
+        f"{total / figures['convert_in_process_s'] / 1e6:.0f} MB/s), "
+        f"peak RSS {figures['convert_peak_rss_bytes'] / 1e9:.2f} GB "
         f"= {figures['peak_rss_over_largest_shard']:.2f}x the largest source shard (goal <= 1.5x)"
     )
     if "forward" in figures:
         forward = figures["forward"]
         print(
-            f"forward ({args.forward_dtype}): {forward['parameters'] / 1e9:.2f}B parameters loaded in {forward['load_s']:.0f} s, "
+            f"forward ({args.forward_dtype}): {forward['parameters'] / 1e9:.2f}B parameters "
+            f"loaded in {forward['load_s']:.0f} s, "
             f"one forward over {forward['sequence_length']} tokens in {forward['forward_s']:.0f} s, logits "
             f"{forward['logits_shape']} finite, peak RSS {forward['peak_rss_kib'] * 1024 / 1e9:.2f} GB"
         )

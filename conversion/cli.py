@@ -1,4 +1,5 @@
-"""`flashsloth convert` and `flashsloth build`: make HF-native FlashSloth checkpoint folders, optionally pushed to the Hub.
+"""`flashsloth convert` and `flashsloth build`: make HF-native FlashSloth checkpoint folders, optionally pushed to the
+Hub.
 
 Only argparse at import time: torch and transformers are imported when a command runs.
 """
@@ -106,7 +107,10 @@ def add_commands(subparsers) -> None:
     )
     _add_output_dir(build)
     build.add_argument(
-        "--vision", required=True, metavar="DIR_OR_REPO", help="SigLIP checkpoint, e.g. google/siglip-so400m-patch14-384."
+        "--vision",
+        required=True,
+        metavar="DIR_OR_REPO",
+        help="SigLIP checkpoint, e.g. google/siglip-so400m-patch14-384.",
     )
     build.add_argument("--text", required=True, metavar="DIR_OR_REPO", help="Language model, e.g. microsoft/phi-2.")
     build.add_argument(

@@ -58,7 +58,8 @@ def resolve_source(source: str | os.PathLike, revision: str | None = None, allow
         raise FileNotFoundError(f"{source} (revision {revision or 'main'}) is not on the Hub: {error}") from error
     except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, OSError) as error:
         raise ConnectionError(
-            f"Cannot download {source} from the Hub and it is not in the local cache ({type(error).__name__}). "
+            f"{source} is not a local folder, and as a Hub repository it cannot be downloaded nor found in the local "
+            f"cache ({type(error).__name__}). "
             f"Offline (HF_HUB_OFFLINE=1 or no network): download it where there is network (`hf download {source}`) "
             "and pass the folder."
         ) from error
@@ -69,14 +70,18 @@ def read_original_config(source_dir: Path) -> dict:
     path = source_dir / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{source_dir} has no config.json: it is not a checkpoint folder.")
-    config = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}).") from error
     architectures = config.get("architectures") or []
     if ORIGINAL_ARCHITECTURE in architectures:
         return config
     if config.get("model_type") == "flashsloth" and "text_config" in config:
         raise ValueError(f"{source_dir} already is an HF-native FlashSloth checkpoint: load it directly.")
     raise ValueError(
-        f"{source_dir} holds a {', '.join(architectures) or config.get('model_type', 'unknown')} model, not an original "
+        f"{source_dir} holds a {', '.join(architectures) or config.get('model_type', 'unknown')} model, "
+        "not an original "
         f"FlashSloth checkpoint (architectures [{ORIGINAL_ARCHITECTURE!r}]). To make a new FlashSloth from a language "
         "model and SigLIP, use `flashsloth build`."
     )
@@ -182,7 +187,9 @@ def plan_conversion(source: SourceTensors, config: FlashSlothConfig, dtype: torc
         if items:
             problems.append(f"{len(items)} {label}: {_listed(items)}")
     if problems:
-        raise ConversionError(f"{source.directory} does not fit the FlashSloth layout of its config: " + "; ".join(problems) + ".")
+        raise ConversionError(
+            f"{source.directory} does not fit the FlashSloth layout of its config: " + "; ".join(problems) + "."
+        )
     return plan
 
 
@@ -239,7 +246,8 @@ def convert_original_checkpoint(
             config, else the published config of the Hub id in `mm_vision_tower`.
         tokenizer (*optional*): folder or Hub id of the tokenizer; default: the source folder's.
         max_shard_size (*optional*, defaults to `"2GB"`): largest output shard.
-        allow_pickle (*optional*, defaults to `False`): accept `.bin` weights (read with `torch.load(weights_only=True)`).
+        allow_pickle (*optional*, defaults to `False`): accept `.bin` weights (read with
+            `torch.load(weights_only=True)`).
         force (*optional*, defaults to `False`): replace a non-empty `output_dir` (atomically).
         revision (*optional*): the Hub revision of `source`.
         model_card_context (*optional*): values for the model card's placeholders.

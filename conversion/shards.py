@@ -82,7 +82,8 @@ def _safetensors_infos(path: Path) -> list[TensorInfo]:
             for name in handle.keys():
                 tensor_slice = handle.get_slice(name)
                 dtype = tensor_slice.get_dtype()
-                infos.append(TensorInfo(name, path, tuple(tensor_slice.get_shape()), _SAFETENSORS_TO_TORCH.get(dtype, dtype)))
+                shape = tuple(tensor_slice.get_shape())
+                infos.append(TensorInfo(name, path, shape, _SAFETENSORS_TO_TORCH.get(dtype, dtype)))
             return infos
     except SafetensorError as error:
         raise ValueError(f"The weight file {path} is truncated or corrupt ({error}); download it again.") from error
@@ -92,7 +93,9 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # torch raises many types for bad archives (RuntimeError, UnpicklingError, EOFError...)
-        raise ValueError(f"The weight file {path} is truncated, corrupt or not a plain state dict ({error}).") from error
+        raise ValueError(
+            f"The weight file {path} is truncated, corrupt or not a plain state dict ({error})."
+        ) from error
 
 
 class SourceTensors:
@@ -199,7 +202,8 @@ def write_safetensors(
             data = load(tensor).contiguous()
             if tuple(data.shape) != tensor.shape or data.dtype != tensor.dtype:
                 raise ValueError(
-                    f"{tensor.source} was read as {tuple(data.shape)} {data.dtype}, expected {tensor.shape} {tensor.dtype}."
+                    f"{tensor.source} was read as {tuple(data.shape)} {data.dtype}, "
+                    f"expected {tensor.shape} {tensor.dtype}."
                 )
             file.write(data.reshape(-1).view(torch.uint8).numpy().data)
             if on_tensor is not None:

@@ -225,9 +225,9 @@ def place_in_hub_cache(folder: Path, cache_dir: Path, repo_id: str = REPO_ID, re
     return snapshot
 
 
-def run_python(code: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run `code` in a fresh Python process (offline), returning its completed process."""
+def run_python(code: str, *args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `code` with `args` as `sys.argv[1:]` in a fresh Python process (offline), returning its completed process."""
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=environment, timeout=timeout
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=environment, timeout=timeout
     )

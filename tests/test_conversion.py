@@ -17,7 +17,6 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from conversion_helpers import (
-    REPO_ID,
     make_original_checkpoint,
     place_in_hub_cache,
     run_python,
@@ -216,13 +215,19 @@ def wrong_architecture(folder):
 @pytest.mark.parametrize(
     "corrupt, message",
     [
-        (lambda folder: rewrite_tensor(folder, drop_tensor), r"1 missing tensors \(in the model, not in the source\): model\.embedded_query\.up_proj\.bias\."),
+        (
+            lambda folder: rewrite_tensor(folder, drop_tensor),
+            r"1 missing tensors \(in the model, not in the source\): model\.embedded_query\.up_proj\.bias\.",
+        ),
         (
             lambda folder: rewrite_tensor(folder, add_tensors),
             r"1 tensors not in the FlashSloth layout: model\.extra_head\.weight; 1 unexpected tensors: "
             r"model\.vision_tower\.vision_tower\.vision_model\.post_layernorm\.weight",
         ),
-        (lambda folder: rewrite_tensor(folder, reshape_tensor), r"1 tensors of the wrong shape: model\.layers\.3\.mlp\.fc1\.weight \[1280, 319\] \(expected \[1280, 320\]\)"),
+        (
+            lambda folder: rewrite_tensor(folder, reshape_tensor),
+            r"1 tensors of the wrong shape: model\.layers\.3\.mlp\.fc1\.weight \[1280, 319\] \(expected \[1280, 320\]\)",
+        ),
         (truncate_shard, r"model-00002-of-00002\.safetensors is truncated or corrupt"),
         (wrong_architecture, r"holds a PhiForCausalLM model, not an original FlashSloth checkpoint"),
     ],
@@ -324,7 +329,8 @@ def test_hub_source_offline(sources, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
-    with pytest.raises(ConnectionError, match=r"Cannot download Tongbo/FlashSloth_HD-3\.2B .*Offline.*pass the folder"):
+    message = r"Tongbo/FlashSloth_HD-3\.2B is not a local folder, and as a Hub repository it cannot be downloaded .*pass the folder"
+    with pytest.raises(ConnectionError, match=message):
         convert_original_checkpoint("Tongbo/FlashSloth_HD-3.2B", tmp_path / "hd")
     assert no_leftovers(tmp_path, "hd")
     folder = convert_original_checkpoint("Tongbo/FlashSloth-3.2B-original", tmp_path / "base", dtype="bfloat16")
@@ -359,7 +365,7 @@ def test_converted_folder_loads_by_repo_id_offline_from_the_hub_cache(converted,
     place_in_hub_cache(converted["base"], cache)
     fixture = ParityFixture("base")
     environment = {"HF_HUB_CACHE": str(cache), "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = run_python(HUB_CACHE_SCRIPT.replace("sys.argv[1]", repr(str(fixture.dir / "image.png"))).replace("sys.argv[2]", repr(QUESTION)), env=environment)
+    result = run_python(HUB_CACHE_SCRIPT, str(fixture.dir / "image.png"), QUESTION, env=environment)
     assert result.returncode == 0, result.stderr[-3000:]
     output = json.loads(result.stdout.strip().splitlines()[-1])
     expected_ids = fixture.tensors["generated_ids"][0, :4].tolist()
