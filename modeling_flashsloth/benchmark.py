@@ -280,11 +280,25 @@ def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=N
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+def prefill_parts(model) -> dict:
+    """The modules whose share of the prefill is reported: the vision tower, the decoder layers and the language
+    modeling head, plus FlashSloth's SAP and EmbQ. Maps a part name to its modules."""
+    inner = model.model
+    parts = {
+        "vision": [inner.vision_tower],
+        "decoder": list(inner.language_model.layers),
+        "lm_head": [model.lm_head],
+    }
+    if hasattr(inner, "spatial_pooling"):
+        parts.update(sap=[inner.spatial_pooling], embq=[inner.embedded_query])
+    return parts
+
+
 def count_prefill_flops(model, inputs: dict):
     """
     FLOPs of one prefill forward pass (logits of the last position only, as `generate` asks), counted by torch's
-    FLOP counter, and the KV cache it fills. torch registers no formula for the CPU flash-attention kernel that sdpa
-    uses on CPU; it gets the same formula as the GPU kernels.
+    FLOP counter, in total and per part (see `prefill_parts`), and the KV cache it fills. torch registers no formula
+    for the CPU flash-attention kernel that sdpa uses on CPU; it gets the same formula as the GPU kernels.
     """
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -292,7 +306,14 @@ def count_prefill_flops(model, inputs: dict):
     custom_mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
     with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=custom_mapping) as counter:
         outputs = model(**inputs, use_cache=True, logits_to_keep=1)
-    return counter.get_total_flops(), outputs.past_key_values
+    per_module = {name: sum(counts.values()) for name, counts in counter.get_flop_counts().items()}
+    module_names = {id(module): name for name, module in model.named_modules()}
+    root = type(model).__name__
+    part_flops = {
+        part: sum(per_module.get(f"{root}.{module_names[id(module)]}", 0) for module in modules)
+        for part, modules in prefill_parts(model).items()
+    }
+    return counter.get_total_flops(), part_flops, outputs.past_key_values
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -404,52 +425,54 @@ def timed_generate(model, inputs: dict, new_tokens: int, generation_kwargs: dict
     return RunRecord([arrival - start for arrival in clock.arrivals], memory.extra_bytes)
 
 
-def time_flashsloth_parts(model, inputs: dict, repeats: int, device) -> dict[str, float]:
+def time_prefill_parts(model, inputs: dict, repeats: int, device) -> dict[str, float]:
     """
-    Median seconds of FlashSloth's prefill forward pass and of its own parts inside it: SAP, EmbQ (timed by module
-    hooks, in a pass of their own since the hooks synchronize) and the query-block layout EmbQ reads (timed alone).
+    Median seconds of a prefill forward pass and of its parts (see `prefill_parts`), timed by module hooks in a pass of
+    their own (the hooks synchronize the device). For FlashSloth also the query-block layout EmbQ reads, timed alone.
     """
     import torch
 
     from .modeling_flashsloth import build_query_block_layout
 
-    spent = {"sap": 0.0, "embq": 0.0}
+    parts = prefill_parts(model)
+    spent = dict.fromkeys(parts, 0.0)
     started = {}
 
-    def hooks(name):
-        def before(*args):
+    def timing_hooks(part):
+        def before(module, args):
             _synchronize(device)
-            started[name] = time.perf_counter()
+            started[part] = time.perf_counter()
 
-        def after(*args):
+        def after(module, args, output):
             _synchronize(device)
-            spent[name] += time.perf_counter() - started[name]
+            spent[part] += time.perf_counter() - started[part]
 
         return before, after
 
-    modules = {"sap": model.model.spatial_pooling, "embq": model.model.embedded_query}
     handles = []
-    for name, module in modules.items():
-        before, after = hooks(name)
-        handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
-    samples = {"prefill": [], "sap": [], "embq": [], "layout": []}
+    for part, modules in parts.items():
+        before, after = timing_hooks(part)
+        for module in modules:
+            handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+    samples = {name: [] for name in ("prefill", *parts)}
     try:
         with torch.inference_mode():
             for _ in range(repeats):
-                spent.update(sap=0.0, embq=0.0)
+                spent.update(dict.fromkeys(parts, 0.0))
                 _synchronize(device)
                 start = time.perf_counter()
                 model(**inputs, use_cache=True, logits_to_keep=1)
                 _synchronize(device)
                 samples["prefill"].append(time.perf_counter() - start)
-                samples["sap"].append(spent["sap"])
-                samples["embq"].append(spent["embq"])
-                start = time.perf_counter()
-                build_query_block_layout(
-                    inputs["input_ids"], inputs["instruction_mask"], inputs["image_num_crops"], model.config
-                )
-                _synchronize(device)
-                samples["layout"].append(time.perf_counter() - start)
+                for part in parts:
+                    samples[part].append(spent[part])
+                if "instruction_mask" in inputs:
+                    start = time.perf_counter()
+                    build_query_block_layout(
+                        inputs["input_ids"], inputs["instruction_mask"], inputs["image_num_crops"], model.config
+                    )
+                    _synchronize(device)
+                    samples.setdefault("layout", []).append(time.perf_counter() - start)
     finally:
         for handle in handles:
             handle.remove()
@@ -532,7 +555,8 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
 
     1. per model and variant, one prefill under torch's FLOP counter (it also warms the prefill up); with `compile`,
        one generation of every shape to be timed, so that compilation stays out of the timings;
-    2. FlashSloth's prefill with its SAP and EmbQ timed (`repeats` times);
+    2. the prefill split into its parts (vision tower, decoder layers, head; FlashSloth's SAP and EmbQ), timed by
+       module hooks: `repeats` times for FlashSloth, once for the peer;
     3. short answers at batch 1, `repeats` rounds over all models and variants, interleaved: time to first token,
        response time, decode speed;
     4. long answers at batch 1 (base variant), `long_repeats` rounds: response time and decode speed;
@@ -580,18 +604,19 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
         ]
     compile_warmups = sorted({run[1:] for run in timed}, key=str) if settings.compile else []
     progress = tqdm(
-        total=len(cases) + len(settings.variants) + len(compile_warmups) + len(timed), desc=f"bench {settings.size}"
+        total=2 * len(cases) + len(compile_warmups) + len(timed), desc=f"bench {settings.size}"
     )
 
     results = {variant: {name: {} for name in MODEL_NAMES} for variant in settings.variants}
     for variant, name in cases:
         inputs = inputs_for(variant, name)
-        flops, cache = count_prefill_flops(models[name], inputs)
+        flops, part_flops, cache = count_prefill_flops(models[name], inputs)
         length = inputs["input_ids"].shape[1]
         results[variant][name].update(
             visual_tokens=visual_tokens(config, name, VARIANT_CROPS[variant]),
             prompt_tokens=length,
             prefill_flops=flops,
+            prefill_flops_by_part=part_flops,
             kv_cache_bytes=kv_cache_bytes(config.text_config, length, dtype),
             kv_cache_bytes_measured=cache_tensor_bytes(cache),
             weight_bytes=parameter_bytes(models[name]),
@@ -601,9 +626,16 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
     for variant, name, batch_size, new_tokens in compile_warmups:
         timed_generate(models[name], inputs_for(variant, name, batch_size), new_tokens, gen_kwargs, device)
         progress.update()
-    for variant in settings.variants:
-        parts = time_flashsloth_parts(flashsloth, inputs_for(variant, "flashsloth"), settings.repeats, device)
-        results[variant]["flashsloth"]["prefill_parts_s"] = parts
+    for variant, name in cases:
+        # FlashSloth's parts give a goal (SAP + EmbQ share), the peer's only explain its prefill: timed once.
+        repeats = settings.repeats if name == "flashsloth" else 1
+        entry = results[variant][name]
+        entry["prefill_parts_s"] = time_prefill_parts(models[name], inputs_for(variant, name), repeats, device)
+        entry["prefill_gflops_per_s"] = {
+            part: flops / entry["prefill_parts_s"][part] / 1e9
+            for part, flops in entry["prefill_flops_by_part"].items()
+            if entry["prefill_parts_s"][part] > 0
+        }
         progress.update()
 
     records = {}
@@ -698,6 +730,11 @@ def compute_advantages(variant_results: dict, short: int, long: int) -> dict:
     return advantage
 
 
+def sap_embq_share(parts: dict) -> float:
+    """FlashSloth's own prefill work (SAP, EmbQ and the layout EmbQ reads) as a share of its prefill time."""
+    return (parts["sap"] + parts["embq"] + parts["layout"]) / parts["prefill"]
+
+
 @dataclass
 class Goal:
     name: str
@@ -720,8 +757,7 @@ def evaluate_goals(report: dict) -> list[dict]:
             Goal(f"{variant}: TTFT ratio / counted-FLOP ratio", advantage["ttft_s"] / advantage["prefill_flops"], 0.9)
         )
     for variant, results in variants.items():
-        parts = results["flashsloth"]["prefill_parts_s"]
-        share = (parts["sap"] + parts["embq"] + parts["layout"]) / parts["prefill"]
+        share = sap_embq_share(results["flashsloth"]["prefill_parts_s"])
         goals.append(Goal(f"{variant}: SAP + EmbQ share of FlashSloth's prefill", share, 0.05, higher_is_better=False))
     for variant, results in variants.items():
         goals.append(
@@ -800,11 +836,16 @@ def table_rows(report: dict) -> list[tuple[str, list[str]]]:
             cells += ["–" if value is None else f"{value:,.2f}" for value in values]
             cells.append(_format_ratio(results["advantage"]["throughput_tokens_per_s"].get(str(batch))))
         rows.append((f"throughput, batch {batch} (tokens/s, {short} new)", cells))
+    for part, label in (("vision", "vision tower"), ("decoder", "decoder layers")):
+        cells = []
+        for results in variants.values():
+            speeds = [results[name]["prefill_gflops_per_s"].get(part) for name in MODEL_NAMES]
+            cells += ["–" if speed is None else f"{speed:,.1f}" for speed in speeds]
+            cells.append("–" if None in speeds else f"{speeds[0] / speeds[1]:.2f}x")
+        rows.append((f"prefill GFLOP/s, {label}", cells))
     cells = []
     for results in variants.values():
-        parts = results["flashsloth"]["prefill_parts_s"]
-        share = (parts["sap"] + parts["embq"] + parts["layout"]) / parts["prefill"]
-        cells += [f"{100 * share:.2f}%", "", ""]
+        cells += [f"{100 * sap_embq_share(results['flashsloth']['prefill_parts_s']):.2f}%", "", ""]
     rows.append(("SAP + EmbQ share of prefill", cells))
     return rows
 
