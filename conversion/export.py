@@ -1,6 +1,7 @@
 """Write HF-native FlashSloth checkpoint folders: atomically, with generation settings and a rendered model card."""
 
 import contextlib
+import importlib.metadata
 import json
 import os
 import re
@@ -12,13 +13,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from packaging.requirements import Requirement
 from transformers import GenerationConfig, PreTrainedModel, ProcessorMixin
 from transformers.utils import logging
 
 
 logger = logging.get_logger(__name__)
 
-TRANSFORMERS_REQUIREMENT = "transformers>=5.23,<6"
 DEFAULT_MAX_NEW_TOKENS = 512
 # Tokens that end an answer besides the tokenizer's own end-of-sequence token: `</s>` closes every assistant turn of
 # the chat template, `<|endoftext|>` is Phi-2's end of text.
@@ -26,6 +27,23 @@ END_TOKENS = ("</s>", "<|endoftext|>")
 MODEL_CARD_NAME = "model_card.md"
 _PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 _PARTIAL_MARKER = ".partial-"
+
+
+def transformers_requirement() -> str:
+    """The package's transformers requirement as written in `setup.cfg` (e.g. `transformers>=5.23,<6`), read from a
+    source checkout's setup.cfg, else from the installed package's metadata."""
+    setup_cfg = Path(__file__).resolve().parents[1] / "setup.cfg"
+    if setup_cfg.is_file():
+        requirements = re.findall(r"^\s+(transformers\b\S*)\s*$", setup_cfg.read_text(encoding="utf-8"), re.MULTILINE)
+    else:
+        declared = importlib.metadata.requires("flashsloth") or []
+        requirements = [requirement for requirement in declared if re.match(r"transformers\b", requirement)]
+    if not requirements:
+        raise ValueError("The flashsloth package declares no transformers requirement.")
+    requirement = Requirement(requirements[0])
+    # Lower bounds first, as people write ranges.
+    specifiers = sorted(map(str, requirement.specifier), key=lambda text: (not text.startswith(">"), text))
+    return requirement.name + ",".join(specifiers)
 
 
 def default_generation_config(processor: ProcessorMixin, **overrides) -> GenerationConfig:
@@ -160,7 +178,7 @@ def default_model_card_context(config, output_dir: Path, source: str | None = No
     return {
         "model_name": output_dir.name,
         "repo_id": output_dir.name,
-        "transformers_requirement": TRANSFORMERS_REQUIREMENT,
+        "transformers_requirement": transformers_requirement(),
         "checkpoint_summary": checkpoint_summary(config, source),
     }
 

@@ -1,6 +1,7 @@
 """The Hub model card template (`model_card.md`): its metadata, and its usage snippets run against a tiny converted
 checkpoint."""
 
+import configparser
 import contextlib
 import io
 import re
@@ -10,13 +11,15 @@ import numpy as np
 import pytest
 import torch
 from huggingface_hub import ModelCard
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from conversion_helpers import make_original_checkpoint
 from flashsloth.conversion import render_model_card
 from flashsloth.conversion.convert import convert_original_checkpoint
-from flashsloth.conversion.export import TRANSFORMERS_REQUIREMENT, _model_card_template_path
+from flashsloth.conversion.export import _model_card_template_path, transformers_requirement
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -45,12 +48,17 @@ def test_metadata_and_sections(checkpoint):
     for heading in ("# FlashSloth-tiny", "## Token budget", "## Usage", "## Results reported in the paper", "## Citation"):
         assert f"\n{heading}\n" in card.text, heading
     assert "https://arxiv.org/abs/2412.04317" in card.text and 'revision="<commit sha>"' in card.text
-    assert f"`{TRANSFORMERS_REQUIREMENT}`" in card.text
+    assert f"`{transformers_requirement()}`" in card.text
     assert "81 image tokens plus 9 query tokens" in card.text
 
 
-def test_transformers_requirement_matches_setup_cfg():
-    assert f"    {TRANSFORMERS_REQUIREMENT}\n" in (REPO_ROOT / "setup.cfg").read_text()
+def test_transformers_requirement_is_the_packages():
+    requirement = transformers_requirement()
+    assert re.fullmatch(r"transformers>=[\d.]+,<\d+", requirement)
+    setup = configparser.ConfigParser()
+    setup.read(REPO_ROOT / "setup.cfg")
+    declared = next(line for line in setup["options"]["install_requires"].split("\n") if line.startswith("transformers"))
+    assert SpecifierSet(requirement.removeprefix("transformers")) == Requirement(declared).specifier
 
 
 def test_missing_values_are_reported(tmp_path):
