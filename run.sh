@@ -3,6 +3,7 @@
 # holds the package: torch==2.13.0 (CPU wheel) is installed first so that no CUDA build is pulled in, then the
 # package in editable mode with its test extras. Set-up is skipped when nothing changed since the last one.
 #
+#   bash run.sh demo [DEMO ARGS...]     ask the embedded demo model about a freshly drawn scene (offline)
 #   bash run.sh test [PYTEST ARGS...]   run the test suite
 #   bash run.sh setup                   only set up the environment
 set -euo pipefail
@@ -29,11 +30,15 @@ case "$command" in
     setup)
         setup
         ;;
+    demo)
+        setup
+        exec "$VENV/bin/flashsloth" demo "$@"
+        ;;
     test)
         setup
         exec "$PYTHON" -m pytest -q -p no:cacheprovider "$@"
         ;;
     *)
-        sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
         ;;
 esac

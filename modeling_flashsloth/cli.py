@@ -11,12 +11,14 @@ import sys
 import threading
 
 from .cli_errors import EXIT_USAGE_ERROR, CliError
+from .demo import DEMO_MODEL_DIR
 
 
 # Modules with `add_commands(subparsers)`: each adds its subparsers and sets `handler=function(args)` as default.
 SUBCOMMAND_MODULES = (
     "flashsloth.training.cli",
     "flashsloth.conversion.cli",
+    "flashsloth.demo",
     "flashsloth.benchmark",
 )
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
@@ -28,10 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     model_options = argparse.ArgumentParser(add_help=False)
     model_options.add_argument(
         "--model",
-        required=True,
+        default=str(DEMO_MODEL_DIR),
         metavar="DIR_OR_REPO",
         help="Checkpoint folder or Hub repository of a FlashSloth model and processor (loaded with "
-        "trust_remote_code=True). Required for now; a small default demo model will come later.",
+        "trust_remote_code=True). Default: the embedded demo model, a tiny FlashSloth that only knows scenes of "
+        "coloured circles, squares and triangles (see `flashsloth demo`).",
     )
     model_options.add_argument(
         "--dtype",

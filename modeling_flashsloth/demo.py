@@ -1,0 +1,454 @@
+"""
+The embedded demo model: a tiny FlashSloth trained from scratch on synthetic shapes, shipped in `demo_model/`.
+
+`flashsloth demo` asks it about a freshly drawn scene (or your own image); `flashsloth demo-train` reproduces it
+(tokenizer, model, the paper's two stages) on the CPU; `flashsloth demo-eval` scores a model on held-out questions
+of each kind; `flashsloth demo-ablation` trains and scores the ablations (average pooling instead of SAP, no EmbQ).
+"""
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .cli_errors import CliError
+
+
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
+VARIANTS = {
+    "full": {},
+    "average-pooling": {"pooling_type": "average"},
+    "no-embq": {"use_embedded_query": False},
+}
+# Seeds of the data streams; evaluation never sees a training scene.
+TRAIN_SEED, EVAL_SEED = 0, 1
+# The demo checkpoint's chat template is FlashSloth's with this shorter default system prompt: the original one is
+# about half of every training sequence, and CPU training time grows with the sequence length.
+DEMO_SYSTEM_PROMPT = "Answer questions about the shapes in the image."
+
+
+def demo_recipe_defaults() -> dict:
+    """The recipe `demo_model/` was trained with (every value can be changed on the `demo-train` command line)."""
+    return {
+        "image_size": 72,
+        "patch_size": 8,
+        "vocab_size": 700,
+        "vision_hidden_size": 96,
+        "vision_layers": 3,
+        "text_hidden_size": 128,
+        "text_layers": 4,
+        "stage1_samples": 3000,
+        "stage1_steps": 100,
+        "stage1_learning_rate": 1e-3,
+        "stage2_samples": 24000,
+        "stage2_steps": 1500,
+        "stage2_learning_rate": 2e-3,
+        "batch_size": 16,
+        "seed": TRAIN_SEED,
+    }
+
+
+def train_demo_tokenizer(texts, vocab_size: int):
+    """A byte-level BPE tokenizer (Phi-2 style) trained on `texts` with the `tokenizers` library, FlashSloth tokens
+    added; `<|endoftext|>` (id 0) is its end-of-text, unknown and padding token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from .processing import add_flashsloth_tokens
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        model_max_length=256,
+    )
+    return add_flashsloth_tokens(tokenizer)
+
+
+def demo_chat_template() -> str:
+    """FlashSloth's chat template with [`DEMO_SYSTEM_PROMPT`] as its default system prompt."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from .processing import DEFAULT_CHAT_TEMPLATE
+
+    (rendered,), _ = render_jinja_template(conversations=[[]], chat_template=DEFAULT_CHAT_TEMPLATE)
+    default_system_prompt = rendered.strip()
+    if DEFAULT_CHAT_TEMPLATE.count(f'"{default_system_prompt}"') != 1:
+        raise RuntimeError("The FlashSloth chat template no longer holds its system prompt as one string literal.")
+    return DEFAULT_CHAT_TEMPLATE.replace(f'"{default_system_prompt}"', f'"{DEMO_SYSTEM_PROMPT}"')
+
+
+def tokenizer_corpus(records: list[dict], chat_template: str) -> list[str]:
+    """The texts the demo tokenizer learns from: every training conversation as the chat template renders it (the
+    system prompt, the `USER:`/`ASSISTANT:` markers and the turns), without the placeholder tokens."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from .training.data import llava_to_messages
+
+    conversations = [llava_to_messages(record["conversations"], has_image="image" in record) for record in records]
+    rendered, _ = render_jinja_template(conversations=conversations, chat_template=chat_template)
+    return [text.replace("<image>", "").replace("<learnable>", "").replace("</s>", "") for text in rendered]
+
+
+def build_demo_model(processor, recipe: dict, variant: str = "full"):
+    """A randomly initialised tiny FlashSloth for `processor`: SigLIP-shaped encoder, Phi-shaped decoder."""
+    from . import FlashSlothConfig, FlashSlothForConditionalGeneration
+
+    tokenizer = processor.tokenizer
+    text_layers = recipe["text_layers"]
+    config = FlashSlothConfig(
+        vision_config={
+            "model_type": "siglip_vision_model",
+            "hidden_size": recipe["vision_hidden_size"],
+            "intermediate_size": 2 * recipe["vision_hidden_size"],
+            "num_hidden_layers": recipe["vision_layers"],
+            "num_attention_heads": 4,
+            "image_size": recipe["image_size"],
+            "patch_size": recipe["patch_size"],
+        },
+        text_config={
+            "model_type": "phi",
+            "vocab_size": len(tokenizer),
+            "hidden_size": recipe["text_hidden_size"],
+            "intermediate_size": 4 * recipe["text_hidden_size"],
+            "num_hidden_layers": text_layers,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 256,
+            "partial_rotary_factor": 0.5,
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        },
+        query_layer_index=text_layers // 2,
+        query_hidden_size=64,
+        image_token_id=processor.image_token_id,
+        query_token_id=processor.query_token_id,
+        # As Phi-2's id 764 (" ?"), the anchor of the query tokens is the question mark.
+        query_anchor_token_id=tokenizer.convert_tokens_to_ids("?"),
+        pad_token_id=tokenizer.pad_token_id,
+        **VARIANTS[variant],
+    )
+    return FlashSlothForConditionalGeneration(config)
+
+
+def train_demo_model(output_dir: str | os.PathLike, work_dir: str | os.PathLike, variant: str = "full", **overrides):
+    """
+    The whole recipe: synthetic data, tokenizer, model, stage 1 (SAP + projector on captions), stage 2 (everything
+    on questions; the encoder is trained too because, unlike the paper's SigLIP, it starts from random weights), and
+    the HF-native folder written to `output_dir`. Returns `(model, processor, seconds)`.
+    """
+    import torch
+    from transformers import set_seed
+
+    from .processing import build_processor
+    from .training import synthetic
+    from .training.data import LlavaDataset
+    from .training.trainer import save_trained_model, train
+
+    recipe = {**demo_recipe_defaults(), **overrides}
+    started = time.perf_counter()
+    work_dir = Path(work_dir)
+    set_seed(recipe["seed"])
+    captions = synthetic.generate_dataset(
+        work_dir / "stage1", recipe["stage1_samples"], stage=1, seed=recipe["seed"], image_size=2 * recipe["image_size"]
+    )
+    questions = synthetic.generate_dataset(
+        work_dir / "stage2", recipe["stage2_samples"], stage=2, seed=recipe["seed"], image_size=2 * recipe["image_size"]
+    )
+    records = json.loads(captions.read_text()) + json.loads(questions.read_text())
+    chat_template = demo_chat_template()
+    tokenizer = train_demo_tokenizer(tokenizer_corpus(records, chat_template), recipe["vocab_size"])
+    processor = build_processor(
+        tokenizer, image_size=recipe["image_size"], num_image_tokens_per_crop=9, chat_template=chat_template
+    )
+    model = build_demo_model(processor, recipe, variant)
+    common = dict(
+        per_device_train_batch_size=recipe["batch_size"],
+        lr_scheduler_type="cosine",
+        warmup_steps=0.03,
+        weight_decay=0.0,
+        logging_steps=50,
+        save_strategy="no",
+        seed=recipe["seed"],
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        disable_tqdm=not sys.stderr.isatty(),
+    )
+    torch.manual_seed(recipe["seed"])
+    model = train(
+        model,
+        processor,
+        LlavaDataset(captions),
+        work_dir / "run-stage1",
+        stage=1,
+        max_steps=recipe["stage1_steps"],
+        learning_rate=recipe["stage1_learning_rate"],
+        **common,
+    )
+    model = train(
+        model,
+        processor,
+        LlavaDataset(questions),
+        work_dir / "run-stage2",
+        stage=2,
+        train_vision_tower=True,
+        max_steps=recipe["stage2_steps"],
+        learning_rate=recipe["stage2_learning_rate"],
+        **common,
+    )
+    seconds = time.perf_counter() - started
+    model.config.demo_recipe = {**recipe, "variant": variant, "train_seconds": round(seconds)}
+    save_trained_model(model.eval(), processor, output_dir, run_name=f"flashsloth-demo-{variant}")
+    return model, processor, seconds
+
+
+def evaluate(model, processor, per_kind: int = 500, seed: int = EVAL_SEED, batch_size: int = 50) -> dict:
+    """Exact-match accuracy per question kind on `per_kind` fresh synthetic questions of each kind (deterministic by
+    `seed`); returns `{"per_kind": {kind: accuracy}, "overall": accuracy, "counts": {kind: n}}`."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .training import synthetic
+
+    image_size = processor.image_processor.size["height"]
+    rng = random.Random(f"flashsloth-demo-eval-{seed}")
+    samples = []
+    for kind in synthetic.QUESTION_KINDS:
+        for index in range(per_kind):
+            scene, record = synthetic.make_sample(index, 2, rng, kinds=(kind,))
+            samples.append((synthetic.render_scene(scene, 2 * image_size, rng), record))
+    correct = dict.fromkeys(synthetic.QUESTION_KINDS, 0)
+    model.eval()
+    for start in tqdm(range(0, len(samples), batch_size), desc="evaluating", disable=not sys.stderr.isatty()):
+        batch = samples[start : start + batch_size]
+        prompts = [processor.apply_chat_template(question_messages(record), add_generation_prompt=True) for _, record in batch]
+        inputs = processor(images=[[image] for image, _ in batch], text=prompts, padding=True, return_tensors="pt")
+        with torch.inference_mode():
+            output_ids = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+        answers = processor.batch_decode(output_ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        for answer, (_, record) in zip(answers, batch):
+            expected = record["conversations"][1]["value"]
+            correct[record["kind"]] += synthetic.normalize_answer(answer) == synthetic.normalize_answer(expected)
+    per_kind_accuracy = {kind: correct[kind] / per_kind for kind in synthetic.QUESTION_KINDS}
+    return {
+        "per_kind": per_kind_accuracy,
+        "overall": sum(correct.values()) / (per_kind * len(correct)),
+        "counts": dict.fromkeys(synthetic.QUESTION_KINDS, per_kind),
+    }
+
+
+def question_messages(record: dict) -> list[dict]:
+    question = record["conversations"][0]["value"].replace("<image>\n", "")
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+
+
+def add_commands(subparsers) -> None:
+    demo = subparsers.add_parser(
+        "demo",
+        help="Ask the embedded demo model about a freshly drawn scene of shapes (offline, a few seconds).",
+        description="Draw a random scene of coloured shapes (or take your image), ask the embedded demo model a "
+        "question about it and print the question, the model's answer and, for a drawn scene, the true answer. The "
+        "demo model is a tiny FlashSloth trained from scratch on such scenes: it answers questions about the colour, "
+        "shape, number, existence and position (left/right/top/bottom) of circles, squares and triangles.",
+    )
+    demo.add_argument("--image", help="Your own image instead of a drawn scene.")
+    demo.add_argument(
+        "--question", help="The question (default: a random question of --kind about the drawn scene)."
+    )
+    demo.add_argument(
+        "--kind",
+        choices=("color", "shape", "count", "exist", "position"),
+        help="Kind of the random question (default: any).",
+    )
+    demo.add_argument("--seed", type=int, help="Seed of the drawn scene and question (default: a random one).")
+    demo.add_argument("--save-image", metavar="PATH", help="Where to save the drawn scene (default: a temporary file).")
+    demo.add_argument(
+        "--model", default=str(DEMO_MODEL_DIR), help="Model folder (default: the embedded demo model)."
+    )
+    demo.set_defaults(handler=run_demo)
+
+    recipe = demo_recipe_defaults()
+    train_parser = subparsers.add_parser(
+        "demo-train",
+        help="Reproduce the demo model: synthetic data, tokenizer, model, stage 1 and stage 2 training on the CPU.",
+        description="Train a tiny FlashSloth from scratch with the paper's two stages on synthetic shape scenes: "
+        "stage 1 trains SAP and the projector on captions, stage 2 everything on questions (the vision encoder too, "
+        "since it starts from random weights). Writes an HF-native folder. The defaults are the recipe of the "
+        "embedded model.",
+    )
+    train_parser.add_argument("output", help="Folder for the trained model (must not exist, unless --force).")
+    train_parser.add_argument("--variant", choices=tuple(VARIANTS), default="full", help="Model variant (default: full).")
+    train_parser.add_argument("--work-dir", help="Folder for the generated data and runs (default: a temporary one).")
+    train_parser.add_argument("--force", action="store_true", help="Replace an existing output folder.")
+    for name, value in recipe.items():
+        train_parser.add_argument(
+            f"--{name.replace('_', '-')}", type=type(value), default=value, help=f"(default: %(default)s)"
+        )
+    train_parser.set_defaults(handler=run_demo_train)
+
+    eval_parser = subparsers.add_parser(
+        "demo-eval",
+        help="Score a model on fresh synthetic questions of each kind (exact match).",
+        description="Exact-match accuracy of a model on held-out synthetic questions (colour, shape, count, "
+        "existence, position), deterministic by seed; prints a table and optionally writes JSON.",
+    )
+    eval_parser.add_argument("--model", default=str(DEMO_MODEL_DIR), help="Model folder (default: the demo model).")
+    eval_parser.add_argument("--per-kind", type=int, default=500, help="Questions of each kind (default: %(default)s).")
+    eval_parser.add_argument("--seed", type=int, default=EVAL_SEED, help="Seed of the questions (default: %(default)s).")
+    eval_parser.add_argument("--json", metavar="PATH", help="Also write the scores as JSON.")
+    eval_parser.set_defaults(handler=run_demo_eval)
+
+    ablation = subparsers.add_parser(
+        "demo-ablation",
+        help="Train and score the demo recipe with SAP and EmbQ, with average pooling, and without EmbQ.",
+        description="Train each variant with the demo recipe and the same budget, score it on held-out questions "
+        "and write a markdown table, JSON and a PNG bar chart (needs matplotlib: pip install 'flashsloth[plot]').",
+    )
+    ablation.add_argument("output", help="Folder for the models, the table, the JSON and the plot.")
+    ablation.add_argument("--per-kind", type=int, default=500, help="Questions of each kind (default: %(default)s).")
+    ablation.add_argument(
+        "--stage2-steps", type=int, default=recipe["stage2_steps"], help="Stage-2 steps of every variant."
+    )
+    ablation.set_defaults(handler=run_demo_ablation)
+
+
+def _load(model_dir: str):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    if not Path(model_dir).is_dir():
+        raise CliError(f"model folder not found: {model_dir}")
+    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, trust_remote_code=True).eval()
+    return model, processor
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    import torch
+    from PIL import Image
+
+    from .training import synthetic
+
+    model, processor = _load(args.model)
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+    rng = random.Random(f"flashsloth-demo-{seed}")
+    expected = None
+    if args.image:
+        if not os.path.isfile(args.image):
+            raise CliError(f"image not found: {args.image}")
+        image, image_path = Image.open(args.image).convert("RGB"), args.image
+        question = args.question or "How many shapes are there?"
+    else:
+        kinds = (args.kind,) if args.kind else synthetic.QUESTION_KINDS
+        scene, record = synthetic.make_sample(rng.randrange(len(kinds)), 2, rng, kinds=kinds)
+        image = synthetic.render_scene(scene, 4 * processor.image_processor.size["height"], rng)
+        image_path = args.save_image or os.path.join(tempfile.mkdtemp(prefix="flashsloth-demo-"), "scene.png")
+        image.save(image_path)
+        question = args.question or question_messages(record)[0]["content"][1]["text"]
+        if not args.question:
+            expected = record["conversations"][1]["value"]
+        print(f"Scene:    {synthetic.describe(scene)} (seed {seed})")
+    print(f"Image:    {image_path}")
+    print(f"Question: {question}")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=[image], text=prompt, return_tensors="pt")
+    with torch.inference_mode():
+        output_ids = model.generate(**inputs, max_new_tokens=16)
+    answer = processor.decode(output_ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    print(f"Answer:   {answer}")
+    if expected is not None:
+        verdict = "correct" if synthetic.normalize_answer(answer) == synthetic.normalize_answer(expected) else "wrong"
+        print(f"Expected: {expected} ({verdict})")
+
+
+def run_demo_train(args: argparse.Namespace) -> None:
+    from .conversion.export import check_output_dir
+
+    recipe = {name: getattr(args, name) for name in demo_recipe_defaults()}
+    try:
+        check_output_dir(args.output, force=args.force)
+    except (FileExistsError, ValueError) as error:
+        raise CliError(str(error)) from error
+    with tempfile.TemporaryDirectory(prefix="flashsloth-demo-train-") as scratch:
+        _, _, seconds = train_demo_model(args.output, args.work_dir or scratch, variant=args.variant, **recipe)
+    print(f"Trained the {args.variant} demo model in {seconds / 60:.1f} min; saved to {args.output}")
+
+
+def format_scores(rows: dict[str, dict]) -> str:
+    """A markdown table of accuracies: one row per model, one column per question kind."""
+    from .training.synthetic import QUESTION_KINDS
+
+    lines = ["| model | " + " | ".join(QUESTION_KINDS) + " | overall |", "|---" * (len(QUESTION_KINDS) + 2) + "|"]
+    for name, scores in rows.items():
+        cells = [f"{100 * scores['per_kind'][kind]:.1f}%" for kind in QUESTION_KINDS]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * scores['overall']:.1f}% |")
+    return "\n".join(lines)
+
+
+def run_demo_eval(args: argparse.Namespace) -> None:
+    if args.per_kind < 1:
+        raise CliError(f"--per-kind must be at least 1, got {args.per_kind}")
+    model, processor = _load(args.model)
+    scores = evaluate(model, processor, per_kind=args.per_kind, seed=args.seed)
+    print(format_scores({Path(args.model).name: scores}))
+    if args.json:
+        Path(args.json).write_text(json.dumps(scores, indent=2))
+
+
+def plot_scores(rows: dict[str, dict], path: str | os.PathLike) -> None:
+    """Grouped bars: accuracy per question kind for each model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .training.synthetic import QUESTION_KINDS
+
+    figure, axes = plt.subplots(figsize=(8, 3.6))
+    width = 0.8 / len(rows)
+    for offset, (name, scores) in enumerate(rows.items()):
+        positions = [index + offset * width for index in range(len(QUESTION_KINDS))]
+        axes.bar(positions, [100 * scores["per_kind"][kind] for kind in QUESTION_KINDS], width, label=name)
+    axes.set_xticks([index + 0.4 - width / 2 for index in range(len(QUESTION_KINDS))], QUESTION_KINDS)
+    axes.set_ylabel("exact match (%)")
+    axes.set_ylim(0, 100)
+    axes.set_title("Demo recipe ablation: held-out synthetic questions")
+    axes.legend(loc="lower right", fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def run_demo_ablation(args: argparse.Namespace) -> None:
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    rows = {}
+    for variant in VARIANTS:
+        model, processor, seconds = train_demo_model(
+            output / variant, output / f"work-{variant}", variant=variant, stage2_steps=args.stage2_steps
+        )
+        rows[variant] = {**evaluate(model, processor, per_kind=args.per_kind), "train_seconds": round(seconds)}
+        print(f"{variant}: {100 * rows[variant]['overall']:.1f}% overall after {seconds / 60:.1f} min", flush=True)
+    (output / "ablation.json").write_text(json.dumps(rows, indent=2))
+    (output / "ablation.md").write_text(format_scores(rows) + "\n")
+    print(format_scores(rows))
+    try:
+        plot_scores(rows, output / "ablation.png")
+    except ImportError as error:
+        raise CliError("the plot needs matplotlib: pip install 'flashsloth[plot]'") from error

@@ -1,0 +1,209 @@
+"""
+Synthetic visual question answering data: scenes of one to four coloured shapes, deterministic by seed.
+
+A scene places each object in its own slot of a diamond (left, right, top, bottom), so every object has exactly one
+position word. Stage-1 samples caption the scene; stage-2 samples ask one of five kinds of question with a one-word
+answer. Both are written as LLaVA-format JSON plus a folder of PNG images:
+
+    {"id": "qa-000001", "image": "images/qa-000001.png", "kind": "count",
+     "conversations": [{"from": "human", "value": "<image>\\nHow many shapes are there?"},
+                       {"from": "gpt", "value": "3"}]}
+"""
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+
+SHAPES = ("circle", "square", "triangle")
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 60),
+    "blue": (30, 80, 230),
+    "yellow": (240, 210, 20),
+    "purple": (140, 50, 190),
+    "orange": (250, 130, 20),
+}
+SIZES = ("small", "large")
+POSITIONS = ("left", "right", "top", "bottom")
+QUESTION_KINDS = ("color", "shape", "count", "exist", "position")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four")
+
+# Slot centres as fractions of the image side: the middle of the edge-adjacent cells of a 3x3 grid.
+SLOT_CENTERS = {"left": (1 / 6, 1 / 2), "right": (5 / 6, 1 / 2), "top": (1 / 2, 1 / 6), "bottom": (1 / 2, 5 / 6)}
+# Object radius as a fraction of the image side (a grid cell is 1/3 wide), and the largest centre jitter.
+SIZE_RADII = {"small": 0.075, "large": 0.13}
+MAX_JITTER = 0.03
+
+QUESTION_TEMPLATES = {
+    "color": ("What color is the {shape}?", "Which color does the {shape} have?"),
+    "shape": ("What shape is the {color} object?", "Which shape is {color}?"),
+    "count": ("How many shapes are there?", "How many objects are in the image?"),
+    "exist": ("Is there a {color} {shape}?", "Does the image contain a {color} {shape}?"),
+    "position": ("Where is the {color} {shape}?", "In which part of the image is the {color} {shape}?"),
+}
+CAPTION_PROMPTS = ("Describe the image.", "What is in the picture?", "Give a short description of the image.")
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    shape: str
+    color: str
+    size: str
+    position: str
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[SceneObject, ...]
+    background: tuple[int, int, int]
+
+
+def sample_scene(rng: random.Random) -> Scene:
+    """One to four objects with random shape, colour and size, each in a different slot; a light grey background."""
+    positions = rng.sample(POSITIONS, rng.randint(1, len(POSITIONS)))
+    objects = tuple(
+        SceneObject(rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(SIZES), position)
+        for position in sorted(positions, key=POSITIONS.index)
+    )
+    grey = rng.randint(225, 255)
+    return Scene(objects, (grey, grey, grey))
+
+
+def render_scene(scene: Scene, image_size: int, rng: random.Random) -> Image.Image:
+    """Draw the scene on an `image_size` square; `rng` jitters each object's centre by a few pixels."""
+    image = Image.new("RGB", (image_size, image_size), scene.background)
+    draw = ImageDraw.Draw(image)
+    for obj in scene.objects:
+        center_x, center_y = SLOT_CENTERS[obj.position]
+        center_x = (center_x + rng.uniform(-MAX_JITTER, MAX_JITTER)) * image_size
+        center_y = (center_y + rng.uniform(-MAX_JITTER, MAX_JITTER)) * image_size
+        radius = SIZE_RADII[obj.size] * image_size
+        box = (center_x - radius, center_y - radius, center_x + radius, center_y + radius)
+        color = COLORS[obj.color]
+        if obj.shape == "circle":
+            draw.ellipse(box, fill=color)
+        elif obj.shape == "square":
+            draw.rectangle(box, fill=color)
+        else:
+            draw.polygon([(center_x, box[1]), (box[2], box[3]), (box[0], box[3])], fill=color)
+    return image
+
+
+def describe(scene: Scene) -> str:
+    """The stage-1 caption, e.g. `There are two shapes: a small red circle on the left, a large blue square at the top.`"""
+    parts = [
+        f"a {obj.size} {obj.color} {obj.shape} {'at the' if obj.position in ('top', 'bottom') else 'on the'} "
+        f"{obj.position}"
+        for obj in scene.objects
+    ]
+    count = len(scene.objects)
+    head = "There is one shape" if count == 1 else f"There are {NUMBER_WORDS[count]} shapes"
+    return f"{head}: {', '.join(parts)}."
+
+
+def ask(scene: Scene, kind: str, rng: random.Random) -> tuple[str, str] | None:
+    """
+    A `(question, answer)` of the given kind about the scene, or `None` when the scene has no unambiguous question of
+    that kind (e.g. a colour question needs a shape that occurs exactly once).
+    """
+    if kind not in QUESTION_KINDS:
+        raise ValueError(f"Unknown question kind {kind!r}; choose one of {QUESTION_KINDS}.")
+    template = rng.choice(QUESTION_TEMPLATES[kind])
+    objects = scene.objects
+    if kind == "count":
+        return template, str(len(objects))
+    if kind == "color":
+        unique = [obj for obj in objects if sum(other.shape == obj.shape for other in objects) == 1]
+        if not unique:
+            return None
+        target = rng.choice(unique)
+        return template.format(shape=target.shape), target.color
+    if kind == "shape":
+        unique = [obj for obj in objects if sum(other.color == obj.color for other in objects) == 1]
+        if not unique:
+            return None
+        target = rng.choice(unique)
+        return template.format(color=target.color), target.shape
+    if kind == "exist":
+        present = {(obj.color, obj.shape) for obj in objects}
+        if rng.random() < 0.5:
+            color, shape = rng.choice(sorted(present))
+            return template.format(color=color, shape=shape), "yes"
+        absent = [(color, shape) for color in COLORS for shape in SHAPES if (color, shape) not in present]
+        # Half of the absent pairs share the colour or the shape of a present object: "no" must not be guessable.
+        near = [pair for pair in absent if any(pair[0] == c or pair[1] == s for c, s in present)]
+        color, shape = rng.choice(near if near and rng.random() < 0.5 else absent)
+        return template.format(color=color, shape=shape), "no"
+    unique = [obj for obj in objects if sum((o.color, o.shape) == (obj.color, obj.shape) for o in objects) == 1]
+    if not unique:
+        return None
+    target = rng.choice(unique)
+    return template.format(color=target.color, shape=target.shape), target.position
+
+
+def make_sample(index: int, stage: int, rng: random.Random, kinds: tuple[str, ...] = QUESTION_KINDS):
+    """One `(scene, record)`: a caption sample for stage 1, a question of a kind cycled by `index` for stage 2."""
+    if stage not in (1, 2):
+        raise ValueError(f"stage must be 1 (captions) or 2 (questions), got {stage!r}")
+    sample_id = f"{'caption' if stage == 1 else 'qa'}-{index:06d}"
+    while True:
+        scene = sample_scene(rng)
+        if stage == 1:
+            kind, question, answer = "caption", rng.choice(CAPTION_PROMPTS), describe(scene)
+            break
+        kind = kinds[index % len(kinds)]
+        question_answer = ask(scene, kind, rng)
+        if question_answer is not None:
+            question, answer = question_answer
+            break
+    record = {
+        "id": sample_id,
+        "image": f"images/{sample_id}.png",
+        "kind": kind,
+        "conversations": [
+            {"from": "human", "value": f"<image>\n{question}"},
+            {"from": "gpt", "value": answer},
+        ],
+    }
+    return scene, record
+
+
+def generate_dataset(
+    output_dir: str | os.PathLike,
+    num_samples: int,
+    stage: int,
+    seed: int = 0,
+    image_size: int = 144,
+    kinds: tuple[str, ...] = QUESTION_KINDS,
+    json_name: str = "data.json",
+) -> Path:
+    """
+    Write `num_samples` samples (images under `output_dir/images/`, records in `output_dir/json_name` with image paths
+    relative to `output_dir`) and return the JSON path. The same arguments always give byte-identical files. Stage 2 cycles through `kinds`, so every kind gets
+    the same number of questions (within one).
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+    output_dir = Path(output_dir)
+    image_dir = output_dir / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(f"flashsloth-synthetic-{seed}-{stage}")
+    records = []
+    for index in tqdm(range(num_samples), desc=f"stage-{stage} samples", leave=False):
+        scene, record = make_sample(index, stage, rng, kinds)
+        render_scene(scene, image_size, rng).save(output_dir / record["image"])
+        records.append(record)
+    json_path = output_dir / json_name
+    json_path.write_text(json.dumps(records, indent=1))
+    return json_path
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, no surrounding spaces or final full stop: what exact-match compares."""
+    return text.strip().lower().rstrip(".").strip()
