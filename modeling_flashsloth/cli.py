@@ -20,6 +20,7 @@ SUBCOMMAND_MODULES = (
     "flashsloth.conversion.cli",
     "flashsloth.demo",
     "flashsloth.benchmark",
+    "flashsloth.reliability",
 )
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_CHOICES = ("sdpa", "eager", "flash_attention_2")

@@ -9,9 +9,9 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import AttentionMaskInterface, create_causal_mask, eager_mask
 from transformers.modeling_outputs import ModelOutput
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, logging
 from transformers.utils.generic import can_return_tuple
@@ -215,13 +215,35 @@ def eager_attention_forward(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    """
+    Eager attention (transformers' formula, with grouped key/value heads repeated) that computes the query-key scores
+    in float32 when the inputs are float16: Phi-2's products overflow float16 (inf, then NaN after the softmax), which
+    is why the original Phi-2 code upcast them too. Other dtypes run exactly transformers' eager operations.
+    """
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    score_dtype = torch.float32 if query.dtype == torch.float16 else query.dtype
+    attn_weights = torch.matmul(query.to(score_dtype), key.to(score_dtype).transpose(2, 3)) * scaling
     if attention_mask is not None:
         attn_weights = attn_weights + attention_mask
     attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
     attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(attn_weights, value)
     return attn_output.transpose(1, 2).contiguous(), attn_weights
+
+
+# The decoder's "eager" attention runs through `eager_attention_forward` above (see `FlashSlothModel`), registered
+# under its own name so that no other model's eager attention changes.
+UPCAST_EAGER_ATTENTION = "sloth_upcast_eager"  # no "flash" in the name: transformers would take it for flash-attn
+AttentionInterface.register(UPCAST_EAGER_ATTENTION, eager_attention_forward)
+AttentionMaskInterface.register(UPCAST_EAGER_ATTENTION, eager_mask)
+
+
+def use_upcast_eager_attention(config) -> None:
+    """Switch a decoder config from transformers' eager attention to `eager_attention_forward` (same masks)."""
+    if config._attn_implementation == "eager":
+        config._attn_implementation_internal = UPCAST_EAGER_ATTENTION
 
 
 class FlashSlothSpatialAttentionPooling(nn.Module):
@@ -376,6 +398,12 @@ class FlashSlothPreTrainedModel(PreTrainedModel):
         if isinstance(module, FlashSlothModel):
             init.normal_(module.query_tokens, mean=0.0, std=self.config.text_config.initializer_range)
 
+    def set_attn_implementation(self, attn_implementation, **kwargs):
+        super().set_attn_implementation(attn_implementation, **kwargs)
+        for module in self.modules():
+            if isinstance(module, FlashSlothModel):
+                module.use_upcast_eager_attention()
+
 
 class FlashSlothModel(FlashSlothPreTrainedModel):
     """The vision encoder, SAP, projector, query tokens, EmbQ and the bare decoder, without a language modeling head."""
@@ -391,7 +419,13 @@ class FlashSlothModel(FlashSlothPreTrainedModel):
         self.query_tokens = nn.Parameter(torch.zeros(config.num_query_tokens, config.text_config.hidden_size))
         self.embedded_query = FlashSlothEmbeddedQuery(config) if config.use_embedded_query else None
         self.language_model = AutoModel.from_config(config.text_config)
+        self.use_upcast_eager_attention()
         self.post_init()
+
+    def use_upcast_eager_attention(self) -> None:
+        """An "eager" decoder computes its attention scores in float32 under float16 (`eager_attention_forward`)."""
+        use_upcast_eager_attention(self.config.text_config)
+        use_upcast_eager_attention(self.language_model.config)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
@@ -406,6 +440,11 @@ class FlashSlothModel(FlashSlothPreTrainedModel):
             raise ValueError(
                 f"pixel_values must be a floating point tensor of shape (num_crops, {channels}, {size}, {size}); got "
                 f"{tuple(pixel_values.shape)} of {pixel_values.dtype}. Prepare images with the FlashSloth processor."
+            )
+        if not bool(torch.isfinite(pixel_values).all()):  # once per prefill: decoding steps carry no pixels
+            raise ValueError(
+                "pixel_values holds NaN or infinite values. Prepare images with the FlashSloth processor, which maps "
+                "pixels to [-1, 1]; check any custom preprocessing for divisions by zero."
             )
         vision_features = self.vision_tower(pixel_values.to(self.vision_tower.dtype)).last_hidden_state
         pooled, pooling_weights = self.spatial_pooling(vision_features)
@@ -500,6 +539,8 @@ class FlashSlothModel(FlashSlothPreTrainedModel):
         language_model = self.language_model
 
         if inputs_embeds is None:
+            if input_ids.shape[1] > 1 or past_key_values is None:  # not on decoding steps: their ids are generated
+                self._check_token_ids(input_ids)
             inputs_embeds = self.get_input_embeddings()(input_ids)
             inputs_embeds = self.insert_query_embeddings(input_ids, inputs_embeds)
 
@@ -556,6 +597,18 @@ class FlashSlothModel(FlashSlothPreTrainedModel):
             image_hidden_states=image_features.image_embeds if image_features is not None else None,
         )
 
+    def _check_token_ids(self, input_ids: torch.LongTensor) -> None:
+        """Raise a clear error for ids outside the vocabulary (the embedding would fail deep inside torch, or with a
+        device-side assertion that ends the CUDA context)."""
+        vocab_size = self.get_input_embeddings().num_embeddings
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(
+                f"input_ids holds ids in [{low}, {high}], outside the vocabulary [0, {vocab_size}). Tokenize with this "
+                "checkpoint's processor; the original code's -200 image placeholder becomes the processor's image "
+                "tokens."
+            )
+
     def _final_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
         for name in ("final_layernorm", "norm"):
             norm = getattr(self.language_model, name, None)
@@ -576,7 +629,8 @@ class FlashSlothModel(FlashSlothPreTrainedModel):
         image_num_crops = torch.as_tensor(image_num_crops, device=device).flatten()
         if int(image_num_crops.sum()) != total_crops:
             raise ValueError(
-                f"image_num_crops adds up to {int(image_num_crops.sum())} crops but pixel_values holds {total_crops}."
+                f"image_num_crops adds up to {int(image_num_crops.sum())} crops but pixel_values holds {total_crops}. "
+                "Pass the image_num_crops that the processor returned with these pixel_values."
             )
         return image_num_crops
 

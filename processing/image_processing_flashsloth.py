@@ -20,11 +20,12 @@ It reproduces the preprocessing of the original FlashSloth code bit for bit: eve
 `Image.resize(..., BICUBIC)` on the uint8 RGB image, followed by `x / 255` and `(x - mean) / std` in float32.
 """
 
+import os
 import warnings
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from transformers.image_processing_backends import PilBackend
 from transformers.image_processing_base import BatchFeature
 from transformers.image_utils import ChannelDimension, PILImageResampling, SizeDict, load_image
@@ -100,12 +101,20 @@ def _check_image_size(width: int, height: int) -> None:
         )
 
 
+def _open_image_file(path: str) -> Image.Image:
+    """Open a local image file like transformers' `load_image` (EXIF orientation applied) but keep its mode, so that
+    `_pil_to_rgb` sees 16-bit greyscale before any 8-bit conversion."""
+    image = Image.open(path)
+    image.load()
+    return ImageOps.exif_transpose(image)
+
+
 def _load_image_source(source: str) -> Image.Image:
     """Open an image given as a local path, URL or base64 string, turning every failure into a `ValueError`."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return load_image(source)
+            return _open_image_file(source) if os.path.isfile(source) else load_image(source)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ValueError(
             f"The image {source[:200]!r} exceeds PIL's decompression-bomb limit `PIL.Image.MAX_IMAGE_PIXELS` = "
@@ -113,7 +122,10 @@ def _load_image_source(source: str) -> Image.Image:
             "limit."
         ) from error
     except (OSError, ValueError) as error:
-        raise ValueError(f"Could not read the image {source[:200]!r}: {error}") from error
+        raise ValueError(
+            f"Could not read the image {source[:200]!r}: {error}. Pass the path of an existing, complete image file "
+            "(PNG, JPEG, ...), a PIL image or an array."
+        ) from error
     except Exception as error:  # network failures (the HTTP client's own errors) when `source` is a URL
         if not source.startswith(("http://", "https://")):
             raise
@@ -123,14 +135,38 @@ def _load_image_source(source: str) -> Image.Image:
         ) from error
 
 
+def _wide_grey_to_uint8(image: Image.Image) -> Image.Image:
+    """
+    Bring a 16/32-bit greyscale image (modes `I;16*`, `I`) to 8 bits, which PIL's `convert("RGB")` would clip at 255.
+    `I;16*` images (16-bit PNG/TIFF) are scaled from [0, 65535]; `I` images are kept as they are when their values
+    lie in [0, 255] (8-bit data) and scaled from [0, 65535] otherwise.
+    """
+    values = np.asarray(image).astype(np.int64)
+    low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+    if image.mode == "I" and low >= 0 and high <= 255:
+        return Image.fromarray(values.astype(np.uint8))
+    if low < 0 or high > 65535:
+        raise ValueError(
+            f"A {image.mode!r} image has values in [{low}, {high}]; greyscale images must hold 8-bit [0, 255] or "
+            "16-bit [0, 65535] values. Rescale it to one of these ranges (or convert it to 'L') first."
+        )
+    return Image.fromarray(np.round(values / 257).astype(np.uint8))
+
+
 def _pil_to_rgb(image: Image.Image) -> Image.Image:
-    """`image.convert("RGB")`, exactly like the original code: an alpha channel is dropped, not composited."""
+    """
+    `image.convert("RGB")`, exactly like the original code: an alpha channel is dropped, not composited. 16-bit
+    greyscale images are scaled to 8 bits first (see `_wide_grey_to_uint8`).
+    """
     _check_image_size(*image.size)
     try:
+        if image.mode == "I" or image.mode.startswith("I;16"):
+            image = _wide_grey_to_uint8(image)
         return image.convert("RGB")
     except (OSError, ValueError) as error:
         raise ValueError(
-            f"Could not read or convert the PIL image (mode {image.mode!r}, size {image.size}) to RGB: {error}"
+            f"Could not read or convert the PIL image (mode {image.mode!r}, size {image.size}) to RGB: {error}. If it "
+            "comes from a file, check that the file is complete (e.g. re-download it)."
         ) from error
 
 
@@ -203,6 +239,13 @@ def expand_to_square(image: Image.Image, fill: tuple[int, ...]) -> Image.Image:
     if width == height:
         return image
     side = max(width, height)
+    max_pixels = Image.MAX_IMAGE_PIXELS
+    if max_pixels is not None and side * side > max_pixels:  # e.g. a 1x50000 strip would need 7.5 GB
+        raise ValueError(
+            f"Padding the {width}x{height} image to a square ('pad' and HD modes) needs {side}x{side} = {side * side} "
+            f"pixels, more than `PIL.Image.MAX_IMAGE_PIXELS` = {max_pixels}. Crop the image to a less extreme aspect "
+            "ratio, use `image_aspect_ratio='square'` without HD, or raise the limit if you trust the image."
+        )
     square = Image.new(image.mode, (side, side), fill)
     square.paste(image, ((side - width) // 2, (side - height) // 2))
     return square
@@ -216,7 +259,8 @@ class FlashSlothImageProcessor(PilBackend):
     `pixel_values` of shape `(total_crops, 3, height, width)`, the crops of all images concatenated in order, and
     `image_num_crops` with the number of crops of each image.
 
-    Accepted images: PIL images of any mode (converted with `convert("RGB")`, so alpha is dropped without compositing),
+    Accepted images: PIL images of any mode (converted with `convert("RGB")`, so alpha is dropped without compositing;
+    16-bit greyscale is scaled to 8 bits rather than clipped),
     numpy arrays (channels-last by default) and torch tensors (channels-first by default) of uint8/integer values in
     [0, 255], bool, or floats in [0, 1], with 1, 3 or 4 channels or none (grey), 4-D batches of those, paths, URLs or
     base64 strings, and (nested) lists of all these.

@@ -36,12 +36,16 @@ from .image_processing_flashsloth import (
 
 # `tokenizer.model_max_length` at or above this value means "no limit" (transformers uses 1e30 as a sentinel).
 UNLIMITED_MODEL_MAX_LENGTH = int(1e9)
+# Pad and return PyTorch tensors unless told otherwise.
+DEFAULT_TEXT_KWARGS = {"padding": True, "return_tensors": "pt"}
 
 
 class FlashSlothProcessorKwargs(ProcessingKwargs, total=False):
     """Call arguments of [`FlashSlothProcessor`]: the usual text kwargs plus the FlashSloth image kwargs."""
 
     images_kwargs: FlashSlothImageProcessorKwargs
+    # transformers before 5.23 reads the defaults only from here, later releases from the processor's `text_kwargs`.
+    _defaults = {"text_kwargs": DEFAULT_TEXT_KWARGS}
 
 
 @dataclass
@@ -97,7 +101,7 @@ class FlashSlothProcessor(ProcessorMixin):
     """
 
     valid_processor_kwargs = FlashSlothProcessorKwargs
-    text_kwargs = {"padding": True, "return_tensors": "pt"}
+    text_kwargs = DEFAULT_TEXT_KWARGS
 
     def __init__(
         self,
@@ -147,6 +151,12 @@ class FlashSlothProcessor(ProcessorMixin):
         )
         tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         return [image_processor, tokenizer]
+
+    def apply_chat_template(self, conversation, chat_template=None, **kwargs):
+        """[`ProcessorMixin.apply_chat_template`], with a clear error for an empty conversation (or batch)."""
+        if not conversation or any(isinstance(item, (list, tuple)) and not item for item in conversation):
+            raise ValueError("The conversation is empty: pass a list of messages such as [{'role': 'user', ...}].")
+        return super().apply_chat_template(conversation, chat_template, **kwargs)
 
     @property
     def model_input_names(self) -> list[str]:
@@ -218,7 +228,8 @@ class FlashSlothProcessor(ProcessorMixin):
             )
         ]
         text_inputs = self._tokenize(expanded_prompts, text_kwargs)
-        if output_kwargs.get("return_text_replacement_offsets"):
+        # A processor-level option since transformers 5.23, a text option before.
+        if output_kwargs.get("return_text_replacement_offsets") or text_kwargs.get("return_text_replacement_offsets"):
             text_inputs["text_replacement_offsets"] = [expanded.replacements for expanded in expanded_prompts]
         return BatchFeature(
             data={**text_inputs, **image_inputs},
