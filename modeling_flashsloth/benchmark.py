@@ -574,6 +574,7 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
     if settings.size == "full" and torch.device(device).type == "cpu":
         logger.warning("The full-size models on CPU take minutes per prefill; `--size small` keeps the proportions.")
 
+    started = time.perf_counter()
     flashsloth, peer = build_models(settings.size, dtype, device, settings.attn_implementation, settings.seed)
     models = {"flashsloth": flashsloth, "peer": peer}
     config = flashsloth.config
@@ -658,6 +659,9 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
         )
         entry = results[variant][name]
         entry["peak_memory_bytes"] = entry["weight_bytes"] + entry.pop("peak_extra_bytes")
+        entry["peak_memory_bytes_by_batch"] = {
+            batch: entry["weight_bytes"] + extra for batch, extra in entry.pop("peak_extra_bytes_by_batch").items()
+        }
     for variant in settings.variants:
         results[variant]["advantage"] = compute_advantages(results[variant], short, long)
 
@@ -672,6 +676,7 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
             key: value for key, value in asdict(settings).items() if key not in ("size", "device", "dtype", "compile")
         },
         "machine": _machine_description(device),
+        "duration_s": time.perf_counter() - started,
         "variants": results,
     }
     report["goals"] = evaluate_goals(report)
@@ -704,6 +709,9 @@ def summarize_runs(
             throughput[str(batch_size)] = batch_size * short / _median([run.arrivals[-1] for run in runs])
     summary["throughput_tokens_per_s"] = throughput
     summary["peak_extra_bytes"] = max(run.peak_extra_bytes for run in short_runs + long_runs)
+    summary["peak_extra_bytes_by_batch"] = {
+        str(batch_size): max(run.peak_extra_bytes for run in runs) for batch_size, runs in batch_runs.items() if runs
+    }
     summary["samples_s"] = {
         "ttft": [run.arrivals[0] for run in short_runs],
         f"response_{short}": [run.arrivals[-1] for run in short_runs],
@@ -819,7 +827,7 @@ def table_rows(report: dict) -> list[tuple[str, list[str]]]:
         metrics.append((f"response, {long} new tokens", f"response_{long}_s", _format_ms))
     metrics += [
         ("KV cache per sequence (prompt)", "kv_cache_bytes", _format_bytes),
-        ("peak memory (weights + run)", "peak_memory_bytes", _format_bytes),
+        ("peak memory, batch 1 (weights + run)", "peak_memory_bytes", _format_bytes),
     ]
     rows = []
     for label, key, formatter in metrics:
@@ -836,6 +844,13 @@ def table_rows(report: dict) -> list[tuple[str, list[str]]]:
             cells += ["–" if value is None else f"{value:,.2f}" for value in values]
             cells.append(_format_ratio(results["advantage"]["throughput_tokens_per_s"].get(str(batch))))
         rows.append((f"throughput, batch {batch} (tokens/s, {short} new)", cells))
+    for batch in (batch for batch in batches if batch > 1):
+        cells = []
+        for results in variants.values():
+            values = [results[name]["peak_memory_bytes_by_batch"].get(str(batch)) for name in MODEL_NAMES]
+            cells += ["–" if value is None else _format_bytes(value) for value in values]
+            cells.append("–" if None in values else _format_ratio(values[1] / values[0]))
+        rows.append((f"peak memory, batch {batch}", cells))
     for part, label in (("vision", "vision tower"), ("decoder", "decoder layers")):
         cells = []
         for results in variants.values():
