@@ -867,7 +867,7 @@ def table_rows(report: dict) -> list[tuple[str, list[str]]]:
 
 def format_markdown(report: dict) -> str:
     machine = report["machine"]
-    hardware = machine.get("gpu") or f"{machine['cpu']} ({machine['cpu_count']} cores, {machine['torch_threads']} torch threads)"
+    hardware = machine.get("gpu") or f"{machine['cpu']} ({machine['cpu_count']} cores, torch threads: {machine['torch_threads']})"
     lines = [
         f"Size `{report['size']}` ({report['size_description']}); {report['device']}, {report['dtype']}, "
         f"{report['attn_implementation']}{', static cache + torch.compile' if report['compile'] else ''}; "
@@ -956,6 +956,7 @@ def plot_report(report: dict, path: str):
     axes[2].set_xscale("log", base=2)
     axes[2].set_xticks(sorted({int(batch) for line in variants.values() for batch in line["flashsloth"]["throughput_tokens_per_s"]}))
     axes[2].get_xaxis().set_major_formatter(ticker.ScalarFormatter())
+    axes[2].set_ylim(bottom=0)
     axes[2].set_xlabel("batch size")
     axes[2].set_ylabel(f"generated tokens/s ({short} new tokens)")
     axes[2].set_title("throughput")
