@@ -41,13 +41,14 @@ def demo_recipe_defaults() -> dict:
         "vision_layers": 3,
         "text_hidden_size": 128,
         "text_layers": 4,
-        "stage1_samples": 3000,
+        "stage1_samples": 12000,
         "stage1_steps": 100,
         "stage1_learning_rate": 1e-3,
-        "stage2_samples": 24000,
-        "stage2_steps": 1500,
+        "stage2_samples": 48000,
+        "stage2_steps": 4000,
         "stage2_learning_rate": 2e-3,
         "batch_size": 16,
+        "train_vision_tower": False,
         "seed": TRAIN_SEED,
     }
 
@@ -150,8 +151,10 @@ def build_demo_model(processor, recipe: dict, variant: str = "full"):
 def train_demo_model(output_dir: str | os.PathLike, work_dir: str | os.PathLike, variant: str = "full", **overrides):
     """
     The whole recipe: synthetic data, tokenizer, model, stage 1 (SAP + projector on captions), stage 2 (everything
-    on questions; the encoder is trained too because, unlike the paper's SigLIP, it starts from random weights), and
-    the HF-native folder written to `output_dir`. Returns `(model, processor, seconds)`.
+    on the questions mixed with the captions, as LLaVA's stage-2 mix holds captions too; the encoder stays frozen as
+    in the paper: trained from scratch with the rest, its features grow without bound, since FlashSloth reads them
+    without a final LayerNorm, and SAP's softmax saturates), and the HF-native folder written to `output_dir`. Returns
+    `(model, processor, seconds)`.
     """
     import torch
     from transformers import set_seed
@@ -171,7 +174,12 @@ def train_demo_model(output_dir: str | os.PathLike, work_dir: str | os.PathLike,
     questions = synthetic.generate_dataset(
         work_dir / "stage2", recipe["stage2_samples"], stage=2, seed=recipe["seed"], image_size=2 * recipe["image_size"]
     )
-    records = json.loads(captions.read_text()) + json.loads(questions.read_text())
+    caption_records = relocated(captions, work_dir)
+    question_records = relocated(questions, work_dir)
+    records = caption_records + question_records
+    # Stage 2 draws from the questions and the captions shuffled together.
+    mixture = records.copy()
+    random.Random(recipe["seed"]).shuffle(mixture)
     chat_template = demo_chat_template()
     tokenizer = train_demo_tokenizer(tokenizer_corpus(records, chat_template), recipe["vocab_size"])
     processor = build_processor(
@@ -204,10 +212,10 @@ def train_demo_model(output_dir: str | os.PathLike, work_dir: str | os.PathLike,
     model = train(
         model,
         processor,
-        LlavaDataset(questions),
+        LlavaDataset(mixture, image_folder=work_dir),
         work_dir / "run-stage2",
         stage=2,
-        train_vision_tower=True,
+        train_vision_tower=recipe["train_vision_tower"],
         max_steps=recipe["stage2_steps"],
         learning_rate=recipe["stage2_learning_rate"],
         **common,
@@ -216,6 +224,12 @@ def train_demo_model(output_dir: str | os.PathLike, work_dir: str | os.PathLike,
     model.config.demo_recipe = {**recipe, "variant": variant, "train_seconds": round(seconds)}
     save_trained_model(model.eval(), processor, output_dir, run_name=f"flashsloth-demo-{variant}")
     return model, processor, seconds
+
+
+def relocated(json_path: Path, root: Path) -> list[dict]:
+    """The records of a generated dataset with image paths relative to `root` instead of the JSON's folder."""
+    prefix = json_path.parent.relative_to(root)
+    return [{**record, "image": str(prefix / record["image"])} for record in json.loads(json_path.read_text())]
 
 
 def evaluate(model, processor, per_kind: int = 500, seed: int = EVAL_SEED, batch_size: int = 50) -> dict:
@@ -297,9 +311,8 @@ def add_commands(subparsers) -> None:
     train_parser.add_argument("--work-dir", help="Folder for the generated data and runs (default: a temporary one).")
     train_parser.add_argument("--force", action="store_true", help="Replace an existing output folder.")
     for name, value in recipe.items():
-        train_parser.add_argument(
-            f"--{name.replace('_', '-')}", type=type(value), default=value, help=f"(default: %(default)s)"
-        )
+        kind = {"action": argparse.BooleanOptionalAction} if isinstance(value, bool) else {"type": type(value)}
+        train_parser.add_argument(f"--{name.replace('_', '-')}", default=value, help="(default: %(default)s)", **kind)
     train_parser.set_defaults(handler=run_demo_train)
 
     eval_parser = subparsers.add_parser(
@@ -341,17 +354,22 @@ def _load(model_dir: str):
 def run_demo(args: argparse.Namespace) -> None:
     import torch
     from PIL import Image
+    from transformers.utils import logging
 
     from .training import synthetic
 
+    if args.image and not os.path.isfile(args.image):
+        raise CliError(f"image not found: {args.image}")
+    logging.disable_progress_bar()
     model, processor = _load(args.model)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     rng = random.Random(f"flashsloth-demo-{seed}")
     expected = None
     if args.image:
-        if not os.path.isfile(args.image):
-            raise CliError(f"image not found: {args.image}")
-        image, image_path = Image.open(args.image).convert("RGB"), args.image
+        try:
+            image, image_path = Image.open(args.image).convert("RGB"), args.image
+        except OSError as error:
+            raise CliError(f"cannot read the image {args.image}: {error}") from error
         question = args.question or "How many shapes are there?"
     else:
         kinds = (args.kind,) if args.kind else synthetic.QUESTION_KINDS

@@ -247,7 +247,8 @@ def test_loads_with_auto_classes_in_a_fresh_process_from_the_flat_files(model, t
         batch = torch.load({str(tmp_path / "batch.pt")!r}, weights_only=True)
         expected = torch.load({str(tmp_path / "logits.pt")!r}, weights_only=True)
         with torch.no_grad():
-            torch.testing.assert_close(model(**batch).logits, expected, rtol=0, atol=0)
+            # Not bit-exact: the thread pools of two processes may split the matmuls differently.
+            torch.testing.assert_close(model(**batch).logits, expected, rtol=1e-5, atol=1e-6)
         assert type(AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)).__name__ == (
             "FlashSlothForConditionalGeneration")
         assert type(AutoModel.from_pretrained(path, trust_remote_code=True)).__name__ == "FlashSlothModel"

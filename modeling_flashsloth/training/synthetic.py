@@ -44,7 +44,7 @@ QUESTION_TEMPLATES = {
     "color": ("What color is the {shape}?", "Which color does the {shape} have?"),
     "shape": ("What shape is the {color} object?", "Which shape is {color}?"),
     "count": ("How many shapes are there?", "How many objects are in the image?"),
-    "exist": ("Is there a {color} {shape}?", "Does the image contain a {color} {shape}?"),
+    "exist": ("Is there {article} {color} {shape}?", "Does the image contain {article} {color} {shape}?"),
     "position": ("Where is the {color} {shape}?", "In which part of the image is the {color} {shape}?"),
 }
 CAPTION_PROMPTS = ("Describe the image.", "What is in the picture?", "Give a short description of the image.")
@@ -107,6 +107,10 @@ def describe(scene: Scene) -> str:
     return f"{head}: {', '.join(parts)}."
 
 
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def ask(scene: Scene, kind: str, rng: random.Random) -> tuple[str, str] | None:
     """
     A `(question, answer)` of the given kind about the scene, or `None` when the scene has no unambiguous question of
@@ -134,12 +138,12 @@ def ask(scene: Scene, kind: str, rng: random.Random) -> tuple[str, str] | None:
         present = {(obj.color, obj.shape) for obj in objects}
         if rng.random() < 0.5:
             color, shape = rng.choice(sorted(present))
-            return template.format(color=color, shape=shape), "yes"
+            return template.format(article=article(color), color=color, shape=shape), "yes"
         absent = [(color, shape) for color in COLORS for shape in SHAPES if (color, shape) not in present]
         # Half of the absent pairs share the colour or the shape of a present object: "no" must not be guessable.
         near = [pair for pair in absent if any(pair[0] == c or pair[1] == s for c, s in present)]
         color, shape = rng.choice(near if near and rng.random() < 0.5 else absent)
-        return template.format(color=color, shape=shape), "no"
+        return template.format(article=article(color), color=color, shape=shape), "no"
     unique = [obj for obj in objects if sum((o.color, o.shape) == (obj.color, obj.shape) for o in objects) == 1]
     if not unique:
         return None

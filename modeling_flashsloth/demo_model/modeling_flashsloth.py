@@ -1,0 +1,763 @@
+"""PyTorch FlashSloth: SigLIP -> Spatial Attention Pooling -> MLP projector -> decoder LLM with embedded queries."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import AttentionMaskInterface, create_causal_mask, eager_mask
+from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, logging
+from transformers.utils.generic import can_return_tuple
+
+from .configuration_flashsloth import FlashSlothConfig
+
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class FlashSlothImageFeatures(ModelOutput):
+    r"""
+    vision_features (`torch.FloatTensor` of shape `(num_crops, num_patches, vision_hidden_size)`):
+        Encoder output at `vision_feature_layer`, before pooling: what EmbQ reads.
+    pooling_weights (`torch.FloatTensor` of shape `(num_crops, num_windows, window_size**2)`):
+        SAP softmax weights over the patches of each window.
+    image_embeds (`torch.FloatTensor` of shape `(num_crops, num_windows, text_hidden_size)`):
+        Pooled and projected image tokens, as they enter the language model.
+    """
+
+    vision_features: torch.FloatTensor | None = None
+    pooling_weights: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+
+
+@dataclass
+class FlashSlothModelOutputWithPast(ModelOutput):
+    r"""
+    past_key_values (`Cache`, *optional*):
+        The language model's key/value cache.
+    image_hidden_states (`torch.FloatTensor` of shape `(num_crops, num_windows, hidden_size)`, *optional*):
+        The projected image tokens of this forward pass.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class FlashSlothCausalLMOutputWithPast(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `(1,)`, *optional*, returned when `labels` is provided):
+        Next-token prediction loss over the labelled positions.
+    logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
+        Prediction scores of the language modeling head.
+    past_key_values (`Cache`, *optional*):
+        The language model's key/value cache.
+    image_hidden_states (`torch.FloatTensor`, *optional*):
+        The projected image tokens of this forward pass.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+def window_partition(features: torch.Tensor, grid_size: int, window_size: int) -> torch.Tensor:
+    """
+    Cut a row-major patch grid into non-overlapping square windows.
+
+    `features` `(num_crops, grid_size**2, dim)` -> `(num_crops, num_windows, window_size**2, dim)`, windows in
+    row-major order over the grid, patches in row-major order inside a window.
+    """
+    num_crops, _, dim = features.shape
+    windows_per_side = grid_size // window_size
+    features = features.view(num_crops, windows_per_side, window_size, windows_per_side, window_size, dim)
+    features = features.permute(0, 1, 3, 2, 4, 5)
+    return features.reshape(num_crops, windows_per_side**2, window_size**2, dim)
+
+
+def attention_pool(windows: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Softmax-weighted sum of each window's patches.
+
+    `windows` `(num_crops, num_windows, patches, dim)`, `scores` `(num_crops, num_windows, patches)` ->
+    pooled `(num_crops, num_windows, dim)` and the weights `(num_crops, num_windows, patches)`.
+    """
+    weights = scores.softmax(dim=-1, dtype=torch.float32).to(windows.dtype)
+    pooled = torch.einsum("cwp,cwpd->cwd", weights, windows)
+    return pooled, weights
+
+
+@dataclass
+class QueryBlockLayout:
+    """
+    Where each query block of a batch sits and what it reads in EmbQ. Indices are into the flattened
+    `(batch_size * sequence_length)` token axis, or into the rows of the concatenated raw image features.
+    """
+
+    query_positions: torch.LongTensor  # (num_blocks, num_query_tokens)
+    text_positions: torch.LongTensor  # (num_blocks, max_text_length)
+    text_mask: torch.BoolTensor  # (num_blocks, max_text_length)
+    image_rows: torch.LongTensor  # (num_blocks, max_image_rows)
+    image_mask: torch.BoolTensor  # (num_blocks, max_image_rows)
+
+
+def _first_true_indices(membership: torch.BoolTensor) -> tuple[torch.LongTensor, torch.BoolTensor]:
+    """For each row of a `(rows, columns)` mask: the column indices of its True entries, in order, left-aligned and
+    padded to the longest row (at least 1), with the mask telling which are real."""
+    longest = max(int(membership.sum(dim=1).max()) if membership.numel() else 0, 1)
+    ordered = torch.sort(membership.to(torch.uint8), dim=1, descending=True, stable=True)
+    return ordered.indices[:, :longest], ordered.values[:, :longest].bool()
+
+
+def build_query_block_layout(
+    input_ids: torch.LongTensor,
+    instruction_mask: torch.LongTensor | None,
+    image_num_crops: torch.LongTensor,
+    config: FlashSlothConfig,
+) -> QueryBlockLayout | None:
+    """
+    Locate every query block and what it attends to in EmbQ, without Python loops over samples.
+
+    - A query block is a run of `config.num_query_tokens` query placeholders; blocks are numbered left to right in
+      each sample (1, 2, ...).
+    - Its instruction text is the tokens whose `instruction_mask` value equals its number. Without a mask, it is the
+      text after the latest image block (skipping the one token that follows it, the newline) or query block before
+      it.
+    - Its images are the images of its sample whose placeholders come before it; it reads their un-pooled features.
+
+    Returns `None` when the batch has no query block.
+    """
+    batch_size, sequence_length = input_ids.shape
+    device = input_ids.device
+    num_query_tokens = config.num_query_tokens
+    query_token_mask = input_ids == config.query_token_id
+    queries_per_sample = query_token_mask.sum(dim=1)
+    if not bool(query_token_mask.any()):
+        return None
+    query_positions = query_token_mask.flatten().nonzero().squeeze(1)
+    if bool((queries_per_sample % num_query_tokens).any()) or bool(
+        (query_positions.view(-1, num_query_tokens).diff(dim=1) != 1).any()
+    ):
+        raise ValueError(
+            f"Every query block must hold exactly {num_query_tokens} consecutive query tokens (id "
+            f"{config.query_token_id}); got {queries_per_sample.tolist()} query tokens per sample. Build the inputs "
+            "with the FlashSloth processor, which expands each query placeholder."
+        )
+    query_positions = query_positions.view(-1, num_query_tokens)
+    block_starts = query_positions[:, 0]
+    block_sample = block_starts // sequence_length
+    block_position = block_starts % sequence_length
+    blocks_per_sample = queries_per_sample // num_query_tokens
+    first_block_of_sample = torch.cumsum(blocks_per_sample, 0) - blocks_per_sample
+    block_number = torch.arange(len(block_starts), device=device) - first_block_of_sample[block_sample] + 1
+
+    # Image placeholders, one run of `tokens_per_crop * crops` per image, in batch-then-sequence order.
+    positions = torch.arange(sequence_length, device=device)
+    image_token_mask = input_ids == config.image_token_id
+    tokens_per_image = image_num_crops * config.image_tokens_per_crop
+    image_token_flat = image_token_mask.flatten().nonzero().squeeze(1)
+    image_first_token = image_token_flat[torch.cumsum(tokens_per_image, 0) - tokens_per_image]
+    image_sample = image_first_token // sequence_length
+    image_position = image_first_token % sequence_length
+
+    # Instruction text of each block: (num_blocks, sequence_length) membership in its own sample.
+    if instruction_mask is not None:
+        if instruction_mask.shape[1] < sequence_length:  # uncached generation appends tokens after the prompt
+            instruction_mask = nn.functional.pad(instruction_mask, (0, sequence_length - instruction_mask.shape[1]))
+        text_membership = instruction_mask.to(device)[block_sample] == block_number[:, None]
+    else:
+        before_block = positions[None, :] < block_position[:, None]
+        sample_images = image_token_mask[block_sample] & before_block
+        last_image_token = torch.where(sample_images, positions, -2).amax(dim=1)
+        sample_queries = query_token_mask[block_sample] & before_block
+        last_query_token = torch.where(sample_queries, positions, -1).amax(dim=1)
+        text_start = torch.maximum(last_image_token + 2, last_query_token + 1)
+        text_membership = before_block & (positions[None, :] >= text_start[:, None])
+    text_positions, text_mask = _first_true_indices(text_membership)
+    text_positions = text_positions + (block_sample * sequence_length)[:, None]
+
+    # Raw feature rows of the images each block may read.
+    rows_per_image = image_num_crops * config.patch_grid_size**2
+    row_image = torch.repeat_interleave(torch.arange(len(rows_per_image), device=device), rows_per_image)
+    image_visible = (image_sample[None, :] == block_sample[:, None]) & (image_position[None, :] < block_position[:, None])
+    image_rows, image_mask = _first_true_indices(image_visible[:, row_image])
+
+    return QueryBlockLayout(
+        query_positions=query_positions,
+        text_positions=text_positions,
+        text_mask=text_mask,
+        image_rows=image_rows,
+        image_mask=image_mask,
+    )
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Eager attention (transformers' formula, with grouped key/value heads repeated) that computes the query-key scores
+    in float32 when the inputs are float16: Phi-2's products overflow float16 (inf, then NaN after the softmax), which
+    is why the original Phi-2 code upcast them too. Other dtypes run exactly transformers' eager operations.
+    """
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    score_dtype = torch.float32 if query.dtype == torch.float16 else query.dtype
+    attn_weights = torch.matmul(query.to(score_dtype), key.to(score_dtype).transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value)
+    return attn_output.transpose(1, 2).contiguous(), attn_weights
+
+
+# The decoder's "eager" attention runs through `eager_attention_forward` above (see `FlashSlothModel`), registered
+# under its own name so that no other model's eager attention changes.
+UPCAST_EAGER_ATTENTION = "sloth_upcast_eager"  # no "flash" in the name: transformers would take it for flash-attn
+AttentionInterface.register(UPCAST_EAGER_ATTENTION, eager_attention_forward)
+AttentionMaskInterface.register(UPCAST_EAGER_ATTENTION, eager_mask)
+
+
+def use_upcast_eager_attention(config) -> None:
+    """Switch a decoder config from transformers' eager attention to `eager_attention_forward` (same masks)."""
+    if config._attn_implementation == "eager":
+        config._attn_implementation_internal = UPCAST_EAGER_ATTENTION
+
+
+class FlashSlothSpatialAttentionPooling(nn.Module):
+    """Spatial Attention Pooling: one token per window, the softmax-weighted sum of its patches, with the weights
+    scored by a small MLP per patch. With `pooling_type="average"` (an ablation) every patch weighs the same."""
+
+    def __init__(self, config: FlashSlothConfig):
+        super().__init__()
+        vision_hidden_size = config.vision_config.hidden_size
+        self.grid_size = config.patch_grid_size
+        self.window_size = config.pooling_window
+        if config.pooling_type == "attention":
+            self.fc1 = nn.Linear(vision_hidden_size, vision_hidden_size)
+            self.act = nn.ReLU()
+            self.dropout = nn.Dropout(config.pooling_dropout)
+            self.fc2 = nn.Linear(vision_hidden_size, 1)
+
+    def forward(self, vision_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        windows = window_partition(vision_features, self.grid_size, self.window_size)
+        if hasattr(self, "fc1"):
+            scores = self.fc2(self.dropout(self.act(self.fc1(windows)))).squeeze(-1)
+        else:
+            scores = windows.new_zeros(windows.shape[:-1])
+        return attention_pool(windows, scores)
+
+
+class FlashSlothMultiModalProjector(nn.Module):
+    def __init__(self, config: FlashSlothConfig):
+        super().__init__()
+        vision_hidden_size = config.vision_config.hidden_size
+        text_hidden_size = config.text_config.hidden_size
+        self.linear_1 = nn.Linear(vision_hidden_size, text_hidden_size)
+        if config.projector_type == "mlp2x_gelu":
+            self.act = nn.GELU()
+            self.linear_2 = nn.Linear(text_hidden_size, text_hidden_size)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.linear_1(image_features)
+        if hasattr(self, "linear_2"):
+            hidden_states = self.linear_2(self.act(hidden_states))
+        return hidden_states
+
+
+class FlashSlothCrossAttention(nn.Module):
+    """Multi-head attention of a few queries over a padded set of keys; no output projection. Values keep their own
+    width, which may differ from the query/key width."""
+
+    def __init__(self, config: FlashSlothConfig, value_size: int):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.query_num_heads
+        self.head_dim = config.query_hidden_size // self.num_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
+        self.q_proj = nn.Linear(config.query_hidden_size, config.query_hidden_size)
+        self.k_proj = nn.Linear(config.query_hidden_size, config.query_hidden_size)
+        self.v_proj = nn.Linear(value_size, value_size)
+
+    def forward(
+        self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_mask: torch.BoolTensor
+    ) -> torch.Tensor:
+        num_blocks, num_queries, _ = queries.shape
+        query_states = self.q_proj(queries).view(num_blocks, num_queries, self.num_heads, -1).transpose(1, 2)
+        key_states = self.k_proj(keys).view(num_blocks, keys.shape[1], self.num_heads, -1).transpose(1, 2)
+        value_states = self.v_proj(values).view(num_blocks, values.shape[1], self.num_heads, -1).transpose(1, 2)
+        # (num_blocks, 1, 1, keys): 0 where visible, the dtype's minimum where padded.
+        attention_mask = torch.zeros(key_mask.shape, dtype=query_states.dtype, device=query_states.device)
+        attention_mask = attention_mask.masked_fill(~key_mask, torch.finfo(query_states.dtype).min)[:, None, None, :]
+
+        # flash-attn kernels need equal query/value head sizes that are multiples of 8 (EmbQ's are 18 and 36 at full
+        # size): this once-per-prefill attention over 9 queries runs on sdpa when the decoder uses flash-attn.
+        implementation = self.config._attn_implementation
+        if implementation is None or implementation.startswith("flash_attention"):
+            implementation = "sdpa"
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        attn_output, _ = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0,
+            scaling=self.scaling,
+            is_causal=False,
+        )
+        return attn_output.reshape(num_blocks, num_queries, -1)
+
+
+class FlashSlothEmbeddedQuery(nn.Module):
+    """
+    Embedded Query module (EmbQ, "LQFormer" in the original code). Each block of query tokens first attends to its
+    instruction text, then that result attends to the un-pooled image features; the image context is projected back
+    to the language model's width and added to the query hidden states.
+    """
+
+    def __init__(self, config: FlashSlothConfig):
+        super().__init__()
+        text_hidden_size = config.text_config.hidden_size
+        vision_hidden_size = config.vision_config.hidden_size
+        query_hidden_size = config.query_hidden_size
+        self.text_down_proj = nn.Linear(text_hidden_size, query_hidden_size)
+        self.image_down_proj = nn.Linear(vision_hidden_size, query_hidden_size)
+        self.query_norm = nn.LayerNorm(query_hidden_size, eps=1e-5)
+        self.text_norm = nn.LayerNorm(query_hidden_size, eps=1e-5)
+        self.image_norm = nn.LayerNorm(query_hidden_size, eps=1e-5)
+        self.text_attention = FlashSlothCrossAttention(config, value_size=query_hidden_size)
+        self.image_attention = FlashSlothCrossAttention(config, value_size=vision_hidden_size)
+        self.up_proj = nn.Linear(vision_hidden_size, text_hidden_size)
+
+    def forward(
+        self,
+        query_states: torch.Tensor,
+        text_states: torch.Tensor,
+        text_mask: torch.BoolTensor,
+        vision_features: torch.Tensor,
+        image_mask: torch.BoolTensor,
+    ) -> torch.Tensor:
+        """
+        query_states `(num_blocks, num_query_tokens, text_hidden)`, text_states `(num_blocks, text_length,
+        text_hidden)`, vision_features `(num_blocks, image_rows, vision_hidden)` with their key masks. Returns the new
+        query states; blocks without an image before them are returned unchanged, blocks without instruction text
+        read no text.
+        """
+        queries = self.query_norm(self.text_down_proj(query_states))
+        text = self.text_norm(self.text_down_proj(text_states))
+        text_context = self.text_attention(queries, text, text, text_mask)
+        text_context = text_context * text_mask.any(dim=1)[:, None, None].to(text_context.dtype)
+
+        image_keys = self.image_norm(self.image_down_proj(vision_features))
+        image_context = self.image_attention(text_context, image_keys, vision_features, image_mask)
+        updated = query_states + self.up_proj(image_context)
+        return torch.where(image_mask.any(dim=1)[:, None, None], updated, query_states)
+
+
+class FlashSlothPreTrainedModel(PreTrainedModel):
+    config_class = FlashSlothConfig
+    config: FlashSlothConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["FlashSlothEmbeddedQuery", "FlashSlothSpatialAttentionPooling"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, FlashSlothModel):
+            init.normal_(module.query_tokens, mean=0.0, std=self.config.text_config.initializer_range)
+
+    def set_attn_implementation(self, attn_implementation, **kwargs):
+        super().set_attn_implementation(attn_implementation, **kwargs)
+        for module in self.modules():
+            if isinstance(module, FlashSlothModel):
+                module.use_upcast_eager_attention()
+
+
+class FlashSlothModel(FlashSlothPreTrainedModel):
+    """The vision encoder, SAP, projector, query tokens, EmbQ and the bare decoder, without a language modeling head."""
+
+    def __init__(self, config: FlashSlothConfig):
+        super().__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        # FlashSloth reads the encoder at `vision_feature_layer` without the post-layernorm: later layers are not built.
+        self.vision_tower.encoder.layers = self.vision_tower.encoder.layers[: config.num_vision_layers]
+        self.vision_tower.post_layernorm = nn.Identity()
+        self.spatial_pooling = FlashSlothSpatialAttentionPooling(config)
+        self.multi_modal_projector = FlashSlothMultiModalProjector(config)
+        self.query_tokens = nn.Parameter(torch.zeros(config.num_query_tokens, config.text_config.hidden_size))
+        self.embedded_query = FlashSlothEmbeddedQuery(config) if config.use_embedded_query else None
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.use_upcast_eager_attention()
+        self.post_init()
+
+    def use_upcast_eager_attention(self) -> None:
+        """An "eager" decoder computes its attention scores in float32 under float16 (`eager_attention_forward`)."""
+        use_upcast_eager_attention(self.config.text_config)
+        use_upcast_eager_attention(self.language_model.config)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module):
+        self.language_model.set_input_embeddings(value)
+
+    def get_image_features(self, pixel_values: torch.FloatTensor) -> FlashSlothImageFeatures:
+        """`pixel_values` `(num_crops, channels, height, width)` -> features of every crop (see `FlashSlothImageFeatures`)."""
+        channels, size = self.config.vision_config.num_channels, self.config.vision_config.image_size
+        if tuple(pixel_values.shape[1:]) != (channels, size, size) or not pixel_values.is_floating_point():
+            raise ValueError(
+                f"pixel_values must be a floating point tensor of shape (num_crops, {channels}, {size}, {size}); got "
+                f"{tuple(pixel_values.shape)} of {pixel_values.dtype}. Prepare images with the FlashSloth processor."
+            )
+        if not bool(torch.isfinite(pixel_values).all()):  # once per prefill: decoding steps carry no pixels
+            raise ValueError(
+                "pixel_values holds NaN or infinite values. Prepare images with the FlashSloth processor, which maps "
+                "pixels to [-1, 1]; check any custom preprocessing for divisions by zero."
+            )
+        vision_features = self.vision_tower(pixel_values.to(self.vision_tower.dtype)).last_hidden_state
+        pooled, pooling_weights = self.spatial_pooling(vision_features)
+        image_embeds = self.multi_modal_projector(pooled)
+        return FlashSlothImageFeatures(
+            vision_features=vision_features, pooling_weights=pooling_weights, image_embeds=image_embeds
+        )
+
+    def get_query_embeddings(self) -> torch.Tensor:
+        """The learned query tokens plus the input embedding of the anchor token, `(num_query_tokens, hidden_size)`."""
+        anchor = torch.tensor(self.config.query_anchor_token_id, device=self.query_tokens.device)
+        return self.query_tokens + self.get_input_embeddings()(anchor).to(self.query_tokens.dtype)
+
+    def insert_query_embeddings(self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """Replace every query placeholder by the query embedding of its rank inside its block."""
+        query_token_mask = input_ids == self.config.query_token_id
+        rank_in_block = (torch.cumsum(query_token_mask, dim=1) - 1).clamp(min=0) % self.config.num_query_tokens
+        query_embeds = self.get_query_embeddings().to(inputs_embeds.device, inputs_embeds.dtype)[rank_in_block]
+        return torch.where(query_token_mask[..., None], query_embeds, inputs_embeds)
+
+    def insert_image_embeddings(
+        self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor, image_embeds: torch.Tensor
+    ) -> torch.Tensor:
+        image_token_mask = input_ids == self.config.image_token_id
+        num_image_tokens = int(image_token_mask.sum())
+        num_image_features = image_embeds.shape[0] * image_embeds.shape[1]
+        if num_image_tokens != num_image_features:
+            raise ValueError(
+                f"The prompt holds {num_image_tokens} image tokens (id {self.config.image_token_id}) but the images give "
+                f"{num_image_features} ({image_embeds.shape[0]} crops x {image_embeds.shape[1]}). Each image needs one "
+                "placeholder in the text; the FlashSloth processor expands it to the right number of tokens."
+            )
+        image_embeds = image_embeds.reshape(-1, inputs_embeds.shape[-1]).to(inputs_embeds.device, inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(image_token_mask[..., None], image_embeds)
+
+    def apply_embedded_query(
+        self, hidden_states: torch.Tensor, layout: QueryBlockLayout, vision_features: torch.Tensor
+    ) -> torch.Tensor:
+        """Run EmbQ on every query block and write the new query states back into `hidden_states`."""
+        batch_size, sequence_length, hidden_size = hidden_states.shape
+        device = hidden_states.device  # with a device map, the decoder may live elsewhere than the vision tower
+        flat_states = hidden_states.reshape(batch_size * sequence_length, hidden_size)
+        vision_features = vision_features.reshape(-1, vision_features.shape[-1]).to(device, hidden_states.dtype)
+        query_positions = layout.query_positions.to(device)
+        new_query_states = self.embedded_query(
+            query_states=flat_states[query_positions],
+            text_states=flat_states[layout.text_positions.to(device)],
+            text_mask=layout.text_mask.to(device),
+            vision_features=vision_features[layout.image_rows.to(device)],
+            image_mask=layout.image_mask.to(device),
+        )
+        flat_states = flat_states.index_copy(
+            0, query_positions.flatten(), new_query_states.reshape(-1, hidden_size).to(flat_states.dtype)
+        )
+        return flat_states.view(batch_size, sequence_length, hidden_size)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_num_crops: torch.LongTensor | None = None,
+        instruction_mask: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> FlashSlothModelOutputWithPast:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(num_crops, 3, image_size, image_size)`, *optional*):
+            All crops of all images of the batch, in text order (the processor's output).
+        image_num_crops (`torch.LongTensor` of shape `(num_images,)`, *optional*):
+            Crops per image; defaults to `config.num_crops` for every image.
+        instruction_mask (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            `k` on the instruction tokens read by the `k`-th query block of the sample, 0 elsewhere (the processor's
+            output).
+        """
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds.")
+        if kwargs.pop("output_attentions", False):
+            raise ValueError("FlashSloth does not return attention weights; call it without output_attentions=True.")
+        has_images = pixel_values is not None and pixel_values.shape[0] > 0
+        if has_images and input_ids is None:
+            raise ValueError("Images need input_ids: their placeholders tell where image and query tokens go.")
+        use_cache = use_cache if use_cache is not None else self.config.text_config.use_cache
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        language_model = self.language_model
+
+        if inputs_embeds is None:
+            if input_ids.shape[1] > 1 or past_key_values is None:  # not on decoding steps: their ids are generated
+                self._check_token_ids(input_ids)
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+            inputs_embeds = self.insert_query_embeddings(input_ids, inputs_embeds)
+
+        image_features = query_layout = None
+        if has_images:
+            image_features = self.get_image_features(pixel_values)
+            inputs_embeds = self.insert_image_embeddings(input_ids, inputs_embeds, image_features.image_embeds)
+            image_num_crops = self._resolve_image_num_crops(image_num_crops, pixel_values.shape[0], input_ids.device)
+            if self.embedded_query is not None:
+                query_layout = build_query_block_layout(input_ids, instruction_mask, image_num_crops, self.config)
+
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config.text_config)
+        if position_ids is None:
+            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+
+        causal_mask = create_causal_mask(
+            config=self.config.text_config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        hidden_states = inputs_embeds
+        if hasattr(language_model, "embed_dropout"):
+            hidden_states = language_model.embed_dropout(hidden_states)
+        position_embeddings = language_model.rotary_emb(hidden_states, position_ids=position_ids)
+
+        all_hidden_states = () if output_hidden_states else None
+        for layer_index, decoder_layer in enumerate(language_model.layers):
+            if layer_index == self.config.query_layer_index and query_layout is not None:
+                hidden_states = self.apply_embedded_query(hidden_states, query_layout, image_features.vision_features)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                position_embeddings=position_embeddings,
+                **kwargs,
+            )
+        hidden_states = self._final_norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+
+        return FlashSlothModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=all_hidden_states,
+            image_hidden_states=image_features.image_embeds if image_features is not None else None,
+        )
+
+    def _check_token_ids(self, input_ids: torch.LongTensor) -> None:
+        """Raise a clear error for ids outside the vocabulary (the embedding would fail deep inside torch, or with a
+        device-side assertion that ends the CUDA context)."""
+        vocab_size = self.get_input_embeddings().num_embeddings
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(
+                f"input_ids holds ids in [{low}, {high}], outside the vocabulary [0, {vocab_size}). Tokenize with this "
+                "checkpoint's processor; the original code's -200 image placeholder becomes the processor's image "
+                "tokens."
+            )
+
+    def _final_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        for name in ("final_layernorm", "norm"):
+            norm = getattr(self.language_model, name, None)
+            if norm is not None:
+                return norm(hidden_states)
+        raise TypeError(f"{type(self.language_model).__name__} has no final norm named `final_layernorm` or `norm`.")
+
+    def _resolve_image_num_crops(
+        self, image_num_crops: torch.LongTensor | None, total_crops: int, device: torch.device
+    ) -> torch.LongTensor:
+        if image_num_crops is None:
+            if total_crops % self.config.num_crops:
+                raise ValueError(
+                    f"Got {total_crops} crops, not a multiple of config.num_crops={self.config.num_crops}; pass "
+                    "image_num_crops (the processor's output) to say how many crops each image has."
+                )
+            return torch.full((total_crops // self.config.num_crops,), self.config.num_crops, device=device)
+        image_num_crops = torch.as_tensor(image_num_crops, device=device).flatten()
+        if int(image_num_crops.sum()) != total_crops:
+            raise ValueError(
+                f"image_num_crops adds up to {int(image_num_crops.sum())} crops but pixel_values holds {total_crops}. "
+                "Pass the image_num_crops that the processor returned with these pixel_values."
+            )
+        return image_num_crops
+
+
+class FlashSlothForConditionalGeneration(FlashSlothPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: FlashSlothConfig):
+        super().__init__(config)
+        self.model = FlashSlothModel(config)
+        text_config = config.text_config
+        self.lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=config.lm_head_bias)
+        self.post_init()
+        if self.generation_config is not None and self.generation_config.suppress_tokens is None:
+            # Placeholders are inputs only: a generated one would have no image or query behind it.
+            self.generation_config.suppress_tokens = [config.image_token_id, config.query_token_id]
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def get_image_features(self, pixel_values: torch.FloatTensor) -> FlashSlothImageFeatures:
+        return self.model.get_image_features(pixel_values)
+
+    def _expand_inputs_for_generation(
+        self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs
+    ):
+        """
+        Beam search and `num_return_sequences` repeat every sample `expand_size` times. `pixel_values` and
+        `image_num_crops` are per crop and per image, not per sample: repeat each sample's crops and images as one
+        block (the generic expansion would interleave single crops: A, B -> A, A, B, B).
+        """
+        pixel_values = model_kwargs.get("pixel_values")
+        if expand_size == 1 or input_ids is None or pixel_values is None or pixel_values.shape[0] == 0:
+            return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
+        pixel_values = model_kwargs.pop("pixel_values")
+        image_num_crops = self.model._resolve_image_num_crops(
+            model_kwargs.pop("image_num_crops", None), pixel_values.shape[0], input_ids.device
+        )
+        crops_per_sample = (input_ids == self.config.image_token_id).sum(dim=1) // self.config.image_tokens_per_crop
+        image_sample = torch.searchsorted(crops_per_sample.cumsum(0), image_num_crops.cumsum(0))
+        images_per_sample = torch.bincount(image_sample, minlength=input_ids.shape[0])
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        sample_crops = pixel_values.split(crops_per_sample.tolist())
+        sample_images = image_num_crops.split(images_per_sample.tolist())
+        model_kwargs["pixel_values"] = torch.cat([crops for crops in sample_crops for _ in range(expand_size)])
+        model_kwargs["image_num_crops"] = torch.cat([images for images in sample_images for _ in range(expand_size)])
+        return input_ids, model_kwargs
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_num_crops: torch.LongTensor | None = None,
+        instruction_mask: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> FlashSlothCausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Target ids for next-token prediction (shifted inside); -100 marks positions without loss.
+
+        Example:
+
+        ```python
+        >>> from transformers import AutoModelForImageTextToText, AutoProcessor
+        >>> model = AutoModelForImageTextToText.from_pretrained("path/to/flashsloth", trust_remote_code=True)
+        >>> processor = AutoProcessor.from_pretrained("path/to/flashsloth", trust_remote_code=True)
+        >>> messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+        >>> prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        >>> inputs = processor(images=[image], text=prompt, return_tensors="pt")
+        >>> output_ids = model.generate(**inputs, max_new_tokens=32)
+        ```
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            image_num_crops=image_num_crops,
+            instruction_mask=instruction_mask,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+
+        return FlashSlothCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            image_hidden_states=outputs.image_hidden_states,
+        )
+
+
+FlashSlothModel.register_for_auto_class("AutoModel")
+FlashSlothForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+
+__all__ = [
+    "FlashSlothPreTrainedModel",
+    "FlashSlothModel",
+    "FlashSlothForConditionalGeneration",
+    "build_query_block_layout",
+    "window_partition",
+    "attention_pool",
+]

@@ -1,0 +1,186 @@
+"""The synthetic shapes data, the demo recipe and the embedded demo model."""
+
+import filecmp
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import flashsloth
+from flashsloth.demo import (
+    DEMO_MODEL_DIR,
+    DEMO_SYSTEM_PROMPT,
+    demo_chat_template,
+    evaluate,
+    format_scores,
+    tokenizer_corpus,
+)
+from flashsloth.training import synthetic
+
+
+PACKAGE_DIR = Path(flashsloth.__file__).resolve().parent
+REMOTE_CODE_SOURCES = {
+    "configuration_flashsloth.py": PACKAGE_DIR / "configuration_flashsloth.py",
+    "modeling_flashsloth.py": PACKAGE_DIR / "modeling_flashsloth.py",
+    "image_processing_flashsloth.py": PACKAGE_DIR.parent / "processing" / "image_processing_flashsloth.py",
+    "processing_flashsloth.py": PACKAGE_DIR.parent / "processing" / "processing_flashsloth.py",
+}
+
+
+def run_flashsloth(*args: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
+    return subprocess.run(
+        [sys.executable, "-m", "flashsloth.cli", *args], capture_output=True, text=True, env=environment, timeout=300
+    )
+
+
+def scene_answer(scene: synthetic.Scene, kind: str, question: str) -> str:
+    """Answer a question from the scene, independently of `synthetic.ask`: find the words it names."""
+    words = question.rstrip("?").split()
+    color = next((word for word in words if word in synthetic.COLORS), None)
+    shape = next((word for word in words if word in synthetic.SHAPES), None)
+    matches = [obj for obj in scene.objects if color in (None, obj.color) and shape in (None, obj.shape)]
+    if kind == "count":
+        return str(len(scene.objects))
+    if kind == "exist":
+        return "yes" if matches else "no"
+    assert len(matches) == 1, f"{question!r} is ambiguous for {scene}"
+    return {"color": matches[0].color, "shape": matches[0].shape, "position": matches[0].position}[kind]
+
+
+def test_every_question_has_one_right_answer():
+    rng = random.Random(0)
+    answers = {kind: set() for kind in synthetic.QUESTION_KINDS}
+    for index in range(1000):
+        scene, record = synthetic.make_sample(index, 2, rng)
+        question = record["conversations"][0]["value"]
+        assert question.startswith("<image>\n")
+        answer = record["conversations"][1]["value"]
+        assert answer == scene_answer(scene, record["kind"], question[len("<image>\n") :])
+        answers[record["kind"]].add(answer)
+        positions = [obj.position for obj in scene.objects]
+        assert 1 <= len(positions) <= 4 and len(set(positions)) == len(positions)
+    assert answers["count"] == {"1", "2", "3", "4"}
+    assert answers["exist"] == {"yes", "no"}
+    assert answers["position"] == set(synthetic.POSITIONS)
+    assert answers["color"] == set(synthetic.COLORS) and answers["shape"] == set(synthetic.SHAPES)
+
+
+def test_rendered_objects_have_their_colour_at_their_slot():
+    rng = random.Random(1)
+    for _ in range(50):
+        scene = synthetic.sample_scene(rng)
+        pixels = np.asarray(synthetic.render_scene(scene, 144, rng))
+        for obj in scene.objects:
+            x, y = synthetic.SLOT_CENTERS[obj.position]
+            # The centre moves by at most MAX_JITTER; a small object still covers the slot centre then.
+            assert tuple(pixels[int(y * 144), int(x * 144)]) == synthetic.COLORS[obj.color]
+
+
+def test_dataset_is_deterministic_and_balanced(tmp_path):
+    first = synthetic.generate_dataset(tmp_path / "a", 25, stage=2, seed=7, image_size=48)
+    second = synthetic.generate_dataset(tmp_path / "b", 25, stage=2, seed=7, image_size=48)
+    other_seed = synthetic.generate_dataset(tmp_path / "c", 25, stage=2, seed=8, image_size=48)
+    assert first.read_text() == second.read_text() != other_seed.read_text()
+    records = json.loads(first.read_text())
+    assert all(filecmp.cmp(first.parent / r["image"], second.parent / r["image"], shallow=False) for r in records)
+    kinds = [record["kind"] for record in records]
+    assert {kinds.count(kind) for kind in synthetic.QUESTION_KINDS} == {5}
+    captions = json.loads(synthetic.generate_dataset(tmp_path / "d", 3, stage=1, seed=7).read_text())
+    assert all(record["conversations"][1]["value"].startswith("There ") for record in captions)
+
+
+def test_bad_generator_arguments_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="stage must be 1"):
+        synthetic.generate_dataset(tmp_path, 3, stage=3)
+    with pytest.raises(ValueError, match="num_samples"):
+        synthetic.generate_dataset(tmp_path, 0, stage=1)
+    with pytest.raises(ValueError, match="Unknown question kind"):
+        synthetic.ask(synthetic.sample_scene(random.Random(0)), "size", random.Random(0))
+
+
+def test_tokenizer_corpus_is_the_rendered_demo_chat_without_placeholders():
+    record = {"image": "x.png", "conversations": [{"from": "human", "value": "<image>\nHow many?"}, {"from": "gpt", "value": "2"}]}
+    (text,) = tokenizer_corpus([record], demo_chat_template())
+    assert text == f"{DEMO_SYSTEM_PROMPT} USER: \nHow many? ASSISTANT: 2"
+
+
+def test_demo_chat_template_only_changes_the_default_system_prompt():
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from flashsloth.processing import DEFAULT_CHAT_TEMPLATE
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where?"}]}]
+    (demo,), _ = render_jinja_template([messages], chat_template=demo_chat_template(), add_generation_prompt=True)
+    (default,), _ = render_jinja_template([messages], chat_template=DEFAULT_CHAT_TEMPLATE, add_generation_prompt=True)
+    assert demo.startswith(DEMO_SYSTEM_PROMPT + " ")
+    assert demo[len(DEMO_SYSTEM_PROMPT) :] == default[default.index(" USER: ") :]
+
+
+def test_score_table_lists_every_kind():
+    scores = {"per_kind": dict.fromkeys(synthetic.QUESTION_KINDS, 0.5), "overall": 0.5}
+    table = format_scores({"m": scores})
+    assert table.count("|") == 3 * (len(synthetic.QUESTION_KINDS) + 3) and "50.0%" in table
+
+
+def test_tiny_recipe_trains_and_saves_a_loadable_model(tmp_path):
+    result = run_flashsloth(
+        "demo-train", str(tmp_path / "model"), "--work-dir", str(tmp_path / "work"), "--stage1-samples", "16",
+        "--stage1-steps", "2", "--stage2-samples", "20", "--stage2-steps", "2", "--batch-size", "4",
+        "--text-layers", "2", "--vision-layers", "2", "--vocab-size", "300",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["demo_recipe"]["stage2_steps"] == 2 and config["text_config"]["num_hidden_layers"] == 2
+    again = run_flashsloth("demo-train", str(tmp_path / "model"))
+    assert again.returncode == 2 and "--force" in again.stderr
+
+
+# The embedded model itself.
+
+
+def test_demo_model_is_small_and_carries_the_current_remote_code():
+    size = sum(path.stat().st_size for path in DEMO_MODEL_DIR.rglob("*") if path.is_file())
+    assert size <= 25 * 2**20
+    for name, source in REMOTE_CODE_SOURCES.items():
+        assert filecmp.cmp(DEMO_MODEL_DIR / name, source, shallow=False), f"demo_model/{name} is stale: re-save it"
+
+
+def test_demo_model_answers_held_out_questions_better_than_chance():
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(DEMO_MODEL_DIR, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(DEMO_MODEL_DIR, trust_remote_code=True)
+    scores = evaluate(model, processor, per_kind=40, seed=1234)
+    # Guessing gives 1/6 (colour), 1/3 (shape), 1/4 (count), 1/2 (exist), 1/4 (position): 30 % overall. The README
+    # reports the model's accuracy on 500 questions of each kind.
+    assert scores["overall"] >= 0.4, scores
+
+
+def test_demo_command_answers_offline():
+    result = run_flashsloth("demo", "--seed", "5", "--kind", "count")
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = dict(line.split(":", 1) for line in result.stdout.splitlines() if ":" in line)
+    assert lines["Question"].strip().startswith("How many")
+    assert lines["Answer"].strip() in {"1", "2", "3", "4"}
+    assert "(correct)" in lines["Expected"] or "(wrong)" in lines["Expected"]
+
+
+def test_demo_command_on_a_missing_image_is_a_clear_error():
+    result = run_flashsloth("demo", "--image", "does-not-exist.png")
+    assert result.returncode == 2 and "image not found" in result.stderr
+
+
+def test_ask_without_model_uses_the_demo_model(tmp_path):
+    """`flashsloth ask` without --model loads the embedded model (which answers a colour question with a colour)."""
+    rng = random.Random(9)
+    scene = synthetic.Scene((synthetic.SceneObject("circle", "red", "large", "left"),), (255, 255, 255))
+    synthetic.render_scene(scene, 288, rng).save(tmp_path / "red_circle.png")
+    result = run_flashsloth("ask", str(tmp_path / "red_circle.png"), "--question", "What color is the circle?")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert synthetic.normalize_answer(result.stdout) in synthetic.COLORS
