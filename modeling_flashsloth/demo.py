@@ -53,9 +53,10 @@ def demo_recipe_defaults() -> dict:
     }
 
 
-def train_demo_tokenizer(texts, vocab_size: int):
-    """A byte-level BPE tokenizer (Phi-2 style) trained on `texts` with the `tokenizers` library, FlashSloth tokens
-    added; `<|endoftext|>` (id 0) is its end-of-text, unknown and padding token."""
+def train_demo_tokenizer(texts, vocab_size: int, model_max_length: int = 256):
+    """A byte-level BPE tokenizer (Phi-2 style, no prefix space) trained on `texts` with the `tokenizers` library, with
+    the FlashSloth tokens added after its vocabulary; `<|endoftext|>` (id 0) is its end-of-text, unknown and padding
+    token. Training is deterministic: the same texts give the same tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -77,7 +78,7 @@ def train_demo_tokenizer(texts, vocab_size: int):
         bos_token="<|endoftext|>",
         eos_token="<|endoftext|>",
         unk_token="<|endoftext|>",
-        model_max_length=256,
+        model_max_length=model_max_length,
     )
     return add_flashsloth_tokens(tokenizer)
 
@@ -156,7 +157,6 @@ def train_demo_model(output_dir: str | os.PathLike, work_dir: str | os.PathLike,
     without a final LayerNorm, and SAP's softmax saturates), and the HF-native folder written to `output_dir`. Returns
     `(model, processor, seconds)`.
     """
-    import torch
     from transformers import set_seed
 
     from .processing import build_processor
@@ -198,7 +198,6 @@ def train_demo_model(output_dir: str | os.PathLike, work_dir: str | os.PathLike,
         dataloader_pin_memory=False,
         disable_tqdm=not sys.stderr.isatty(),
     )
-    torch.manual_seed(recipe["seed"])
     model = train(
         model,
         processor,

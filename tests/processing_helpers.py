@@ -5,10 +5,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
 
-from flashsloth.processing import add_flashsloth_tokens, build_processor
+from flashsloth.demo import train_demo_tokenizer
+from flashsloth.processing import build_processor
 from parity_helpers import PARITY_DIR, PHI2_TOKENIZER_DIR, SHARED_DIR, require_shared  # noqa: F401 (re-exported)
 
 
@@ -25,33 +24,16 @@ TINY_CORPUS = [
 ]
 
 
-def make_tiny_tokenizer(vocab_size: int = 320, model_max_length: int = 2048) -> PreTrainedTokenizerFast:
+def make_tiny_tokenizer(vocab_size: int = 320, model_max_length: int = 2048):
     """
-    A small byte-level BPE tokenizer (Phi-2 style, no prefix space) with the FlashSloth tokens added.
+    A small byte-level BPE tokenizer (Phi-2 style, no prefix space) with the FlashSloth tokens added: the demo
+    model's tokenizer recipe on a few sentences.
 
     Ids: `<|endoftext|>` is 0 (eos, bos, unk and pad), then the 256 byte tokens and the learned merges, then
     `<learnable>`, `</s>`, `<image>` as the last three ids; `len(tokenizer) <= vocab_size + 3`. Padding is on the left.
     Training is deterministic, so every call returns an identical (fresh) tokenizer.
     """
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(TINY_CORPUS, trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<|endoftext|>",
-        eos_token="<|endoftext|>",
-        unk_token="<|endoftext|>",
-        model_max_length=model_max_length,
-    )
-    return add_flashsloth_tokens(tokenizer)
+    return train_demo_tokenizer(TINY_CORPUS, vocab_size, model_max_length)
 
 
 def make_tiny_processor(**build_kwargs):
