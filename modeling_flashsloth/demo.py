@@ -301,9 +301,9 @@ def add_commands(subparsers) -> None:
         "demo-train",
         help="Reproduce the demo model: synthetic data, tokenizer, model, stage 1 and stage 2 training on the CPU.",
         description="Train a tiny FlashSloth from scratch with the paper's two stages on synthetic shape scenes: "
-        "stage 1 trains SAP and the projector on captions, stage 2 everything on questions (the vision encoder too, "
-        "since it starts from random weights). Writes an HF-native folder. The defaults are the recipe of the "
-        "embedded model.",
+        "stage 1 trains SAP and the projector on captions, stage 2 SAP, the projector, the query tokens, EmbQ and the "
+        "language model on questions mixed with captions (the randomly initialised vision encoder stays frozen unless "
+        "--train-vision-tower). Writes an HF-native folder. The defaults are the recipe of the embedded model.",
     )
     train_parser.add_argument("output", help="Folder for the trained model (must not exist, unless --force).")
     train_parser.add_argument("--variant", choices=tuple(VARIANTS), default="full", help="Model variant (default: full).")
