@@ -4,7 +4,7 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from training_helpers import llava_records, tiny_processor, tiny_training_model
+from training_helpers import TRAIN_ARGUMENTS, llava_records, tiny_processor, tiny_training_model
 from transformers import AutoModelForImageTextToText
 
 from flashsloth.training.data import FlashSlothDataCollator, LlavaDataset
@@ -20,15 +20,6 @@ from flashsloth.training.lora import (
 from flashsloth.training.trainer import build_trainer, train
 
 
-TRAIN_ARGUMENTS = dict(
-    per_device_train_batch_size=4,
-    learning_rate=5e-3,
-    logging_steps=1,
-    use_cpu=True,
-    disable_tqdm=True,
-    dataloader_num_workers=0,
-    seed=0,
-)
 # What LoRA may change: adapter weights, the trained copies of the modules to save, the query tokens.
 TRAINABLE_MARKERS = (".lora_A.", ".lora_B.", ".modules_to_save.", "query_tokens")
 

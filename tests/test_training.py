@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from training_helpers import (
+    TRAIN_ARGUMENTS,
     llava_records,
     logged_losses,
     tiny_processor,
@@ -32,15 +33,6 @@ from flashsloth.training.trainer import (
 
 
 TESTS_DIR = Path(__file__).parent
-TRAIN_ARGUMENTS = dict(
-    per_device_train_batch_size=4,
-    learning_rate=5e-3,
-    logging_steps=1,
-    use_cpu=True,
-    disable_tqdm=True,
-    dataloader_num_workers=0,
-    seed=0,
-)
 
 
 @pytest.fixture(scope="module")

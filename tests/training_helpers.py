@@ -110,6 +110,17 @@ def logged_losses(log_history: list[dict]) -> list[float]:
     return [entry["loss"] for entry in log_history if "loss" in entry]
 
 
+# Training arguments of the in-process runs: tiny, fast, deterministic.
+TRAIN_ARGUMENTS = dict(
+    per_device_train_batch_size=4,
+    learning_rate=5e-3,
+    logging_steps=1,
+    use_cpu=True,
+    disable_tqdm=True,
+    dataloader_num_workers=0,
+    seed=0,
+)
+
 # Training arguments of the subprocess runs: tiny, fast, deterministic, one CPU thread per process.
 SUBPROCESS_ARGUMENTS = dict(
     per_device_train_batch_size=2,
