@@ -89,6 +89,37 @@ def test_stage_changes_exactly_its_groups(processor, dataset, tmp_path, stage, t
     assert not changed & unchanged, f"partly frozen groups: {changed & unchanged}"
 
 
+def test_group_learning_rates_give_groups_their_own_rate_through_the_schedule(processor, dataset, tmp_path):
+    model = tiny_training_model(processor)
+    arguments = {**TRAIN_ARGUMENTS, "learning_rate": 1e-3, "warmup_steps": 2, "lr_scheduler_type": "cosine"}
+    trainer = build_trainer(
+        model, processor, dataset, tmp_path, stage=2, group_learning_rates={"multi_modal_projector": 1e-4}, **arguments
+    )
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    rate_of = {
+        id(parameter): group["initial_lr"] for group in trainer.optimizer.param_groups for parameter in group["params"]
+    }
+    trainable = {name: parameter for name, parameter in model.named_parameters() if parameter.requires_grad}
+    assert len(rate_of) == len(trainable)
+    for name, parameter in trainable.items():
+        expected = 1e-4 if parameter_group(name) == "multi_modal_projector" else 1e-3
+        assert rate_of[id(parameter)] == pytest.approx(expected), name
+    for _ in range(4):
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    rates = {group["lr"] for group in trainer.optimizer.param_groups}
+    assert len(rates) == 2 and 0 < min(rates) < max(rates) < 1e-3
+    assert min(rates) / max(rates) == pytest.approx(0.1)
+
+
+def test_group_learning_rates_are_checked(processor, dataset, tmp_path):
+    model = tiny_training_model(processor)
+    with pytest.raises(ValueError, match="Unknown parameter group.*projector.*multi_modal_projector"):
+        build_trainer(model, processor, dataset, tmp_path, stage=2, group_learning_rates={"projector": 1e-4})
+    with pytest.raises(ValueError, match="must be positive"):
+        build_trainer(model, processor, dataset, tmp_path, stage=2, group_learning_rates={"lm_head": 0})
+
+
 def test_trainable_table(processor):
     model = tiny_training_model(processor)
     rows = {row.group: row for row in configure_trainable(model, stage=1)}
@@ -418,6 +449,8 @@ def test_cli_reports_user_errors_in_one_line(tmp_path, capsys):
         (common + ["--stage", "1", "--lora"], "only stage 2 trains"),
         (common + ["--stage", "1", "--train-vision-tower"], "belongs to stage 2"),
         (common + ["--stage", "2", "--warmup-ratio", "1.5"], "--warmup-ratio"),
+        (common + ["--stage", "2", "--group-lr", "multi_modal_projector"], "--group-lr takes GROUP=LR"),
+        (common + ["--stage", "2", "--group-lr", "lm_head=fast"], "--group-lr takes GROUP=LR"),
         (common + ["--stage", "2", "--deepspeed", str(tmp_path / "missing.json")], "DeepSpeed config not found"),
     ]
     try:

@@ -90,6 +90,14 @@ def add_commands(subparsers):
         help="Peak learning rate (default: 1e-3 in stage 1, 2e-5 in stage 2, as in the paper).",
     )
     parser.add_argument(
+        "--group-lr",
+        action="append",
+        default=[],
+        metavar="GROUP=LR",
+        help="Peak learning rate of one parameter group, e.g. multi_modal_projector=1e-4 (repeatable; groups: "
+        "vision_tower, spatial_pooling, multi_modal_projector, query_tokens, embedded_query, language_model, lm_head).",
+    )
+    parser.add_argument(
         "--warmup-ratio",
         type=float,
         default=0.03,
@@ -165,6 +173,20 @@ def _check_paths(args: argparse.Namespace):
         raise CliError("--lora/--qlora adapt the language model, which only stage 2 trains (--stage 2)")
 
 
+def parse_group_learning_rates(entries: list[str]) -> dict[str, float]:
+    """`["multi_modal_projector=1e-4", ...]` as `{group: rate}`."""
+    rates = {}
+    for entry in entries:
+        group, separator, rate = entry.partition("=")
+        try:
+            rates[group.strip()] = float(rate)
+        except ValueError:
+            separator = ""
+        if not separator:
+            raise CliError(f"--group-lr takes GROUP=LR, e.g. multi_modal_projector=1e-4; got {entry!r}")
+    return rates
+
+
 def _log_to_stdout():
     """Show this package's progress messages (the table of trainable parameters, where the model went)."""
     package_logger = logging.getLogger("flashsloth")
@@ -196,6 +218,7 @@ def _load(args: argparse.Namespace):
 
 def run_train(args: argparse.Namespace):
     _check_paths(args)
+    group_learning_rates = parse_group_learning_rates(args.group_lr)
     _log_to_stdout()
     from .data import LlavaDataset
     from .lora import lora_config
@@ -225,6 +248,7 @@ def run_train(args: argparse.Namespace):
             per_device_train_batch_size=args.batch_size,
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             learning_rate=args.lr if args.lr is not None else DEFAULT_LEARNING_RATES[args.stage],
+            group_learning_rates=group_learning_rates,
             warmup_steps=args.warmup_ratio,  # a value below 1 is a fraction of the steps
             lr_scheduler_type=args.lr_scheduler,
             weight_decay=args.weight_decay,

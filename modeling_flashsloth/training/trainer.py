@@ -20,7 +20,7 @@ from transformers.utils import logging
 from ..conversion import default_generation_config, save_native_checkpoint
 from .data import FlashSlothDataCollator
 from .lora import add_query_tokens_to_adapter, apply_lora, lora_config, merge_lora, save_adapter
-from .stages import configure_trainable, format_trainable_table, stage_groups
+from .stages import GROUPS, configure_trainable, format_trainable_table, parameter_group, stage_groups
 
 
 logger = logging.get_logger(__name__)
@@ -102,8 +102,31 @@ class FlashSlothTrainer(Trainer):
     `Trainer` with FlashSloth's additions: `train(resume_from_checkpoint=True)` skips checkpoints whose save did not
     finish, the model runs without a KV cache while training, length-grouped batching reads the dataset's `lengths`
     (an estimate from [`LlavaDataset`], no tokenising of the whole dataset), and LoRA checkpoints also hold the query
-    tokens.
+    tokens; `group_learning_rates` (`{group: lr}`, groups as in [`stages.GROUPS`]) gives parameter groups their own
+    peak learning rate, as LLaVA's `mm_projector_lr` does for the projector.
     """
+
+    def __init__(self, *args, group_learning_rates: dict[str, float] | None = None, **kwargs):
+        self.group_learning_rates = check_group_learning_rates(group_learning_rates)
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None or not self.group_learning_rates:
+            return super().create_optimizer(model)
+        optimizer = super().create_optimizer(model)
+        group_of = {id(parameter): parameter_group(name) for name, parameter in (model or self.model).named_parameters()}
+        param_groups = []
+        for param_group in optimizer.param_groups:
+            by_rate = {}
+            for parameter in param_group["params"]:
+                rate = self.group_learning_rates.get(group_of[id(parameter)].removesuffix(" (LoRA)"), param_group["lr"])
+                by_rate.setdefault(rate, []).append(parameter)
+            param_groups += [{**param_group, "params": params, "lr": rate} for rate, params in by_rate.items()]
+        # No step has run yet: the optimizer has no state, only its groups change.
+        optimizer.param_groups.clear()
+        for param_group in param_groups:
+            optimizer.add_param_group(param_group)
+        return optimizer
 
     def train(self, resume_from_checkpoint: bool | str | None = None, **kwargs):
         checkpoint = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
@@ -129,6 +152,18 @@ class FlashSlothTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         if self.args.should_save and _is_peft_model(model):
             add_query_tokens_to_adapter(model, output_dir if output_dir is not None else self.args.output_dir)
+
+
+def check_group_learning_rates(group_learning_rates: dict[str, float] | None) -> dict[str, float]:
+    """`group_learning_rates` validated: known group names, positive rates."""
+    group_learning_rates = dict(group_learning_rates or {})
+    unknown = sorted(set(group_learning_rates) - set(GROUPS))
+    if unknown:
+        raise ValueError(f"Unknown parameter group(s) {unknown} in group_learning_rates; use some of {list(GROUPS)}.")
+    bad = {group: rate for group, rate in group_learning_rates.items() if not rate > 0}
+    if bad:
+        raise ValueError(f"group_learning_rates must be positive numbers, got {bad}.")
+    return group_learning_rates
 
 
 def build_training_arguments(output_dir: str | os.PathLike, **training_arguments) -> TrainingArguments:
@@ -172,6 +207,7 @@ def build_trainer(
     eval_dataset=None,
     max_length: int | None = None,
     callbacks: list | None = None,
+    group_learning_rates: dict[str, float] | None = None,
     **training_arguments,
 ) -> FlashSlothTrainer:
     """
@@ -196,6 +232,7 @@ def build_trainer(
         eval_dataset=eval_dataset,
         processing_class=processor,
         callbacks=callbacks,
+        group_learning_rates=group_learning_rates,
     )
     if trainer.is_world_process_zero():
         logger.info(f"Training stage {stage}{' with LoRA' if lora else ''}:\n{format_trainable_table(model)}")
@@ -215,6 +252,7 @@ def train(
     max_length: int | None = None,
     resume_from_checkpoint: bool | str | os.PathLike | None = None,
     callbacks: list | None = None,
+    group_learning_rates: dict[str, float] | None = None,
     **training_arguments,
 ) -> nn.Module:
     """
@@ -238,6 +276,8 @@ def train(
         resume_from_checkpoint: `True` to continue from the last completely saved `checkpoint-N` of `output_dir`
             (incomplete ones, from a run killed while saving, are skipped), or a checkpoint folder.
         callbacks: extra `TrainerCallback`s.
+        group_learning_rates: peak learning rates of some parameter groups, e.g. `{"multi_modal_projector": 1e-4}`
+            (the others use `learning_rate`); the schedule scales them all alike.
         **training_arguments: any `TrainingArguments` field, e.g. `num_train_epochs`, `max_steps`,
             `per_device_train_batch_size`, `gradient_accumulation_steps`, `learning_rate`, `warmup_steps` (below 1:
             a fraction),
@@ -258,6 +298,7 @@ def train(
         eval_dataset=eval_dataset,
         max_length=max_length,
         callbacks=callbacks,
+        group_learning_rates=group_learning_rates,
         **training_arguments,
     )
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
