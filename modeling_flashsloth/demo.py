@@ -46,7 +46,8 @@ def demo_recipe_defaults() -> dict:
         "stage1_learning_rate": 1e-3,
         "stage2_samples": 48000,
         "stage2_steps": 4000,
-        "stage2_learning_rate": 2e-3,
+        "stage2_learning_rate": 1e-3,
+        "stage2_projector_learning_rate": 1e-3,
         "batch_size": 16,
         "train_vision_tower": False,
         "seed": TRAIN_SEED,
@@ -217,6 +218,10 @@ def train_demo_model(output_dir: str | os.PathLike, work_dir: str | os.PathLike,
         train_vision_tower=recipe["train_vision_tower"],
         max_steps=recipe["stage2_steps"],
         learning_rate=recipe["stage2_learning_rate"],
+        group_learning_rates={
+            "spatial_pooling": recipe["stage2_projector_learning_rate"],
+            "multi_modal_projector": recipe["stage2_projector_learning_rate"],
+        },
         **common,
     )
     seconds = time.perf_counter() - started
