@@ -45,9 +45,8 @@ def demo_recipe_defaults() -> dict:
         "stage1_steps": 100,
         "stage1_learning_rate": 1e-3,
         "stage2_samples": 48000,
-        "stage2_steps": 4000,
+        "stage2_steps": 6000,
         "stage2_learning_rate": 1e-3,
-        "stage2_projector_learning_rate": 1e-3,
         "batch_size": 16,
         "train_vision_tower": False,
         "seed": TRAIN_SEED,
@@ -218,10 +217,6 @@ def train_demo_model(output_dir: str | os.PathLike, work_dir: str | os.PathLike,
         train_vision_tower=recipe["train_vision_tower"],
         max_steps=recipe["stage2_steps"],
         learning_rate=recipe["stage2_learning_rate"],
-        group_learning_rates={
-            "spatial_pooling": recipe["stage2_projector_learning_rate"],
-            "multi_modal_projector": recipe["stage2_projector_learning_rate"],
-        },
         **common,
     )
     seconds = time.perf_counter() - started
@@ -335,7 +330,9 @@ def add_commands(subparsers) -> None:
         "demo-ablation",
         help="Train and score the demo recipe with SAP and EmbQ, with average pooling, and without EmbQ.",
         description="Train each variant with the demo recipe and the same budget, score it on held-out questions "
-        "and write a markdown table, JSON and a PNG bar chart (needs matplotlib: pip install 'flashsloth[plot]').",
+        "and write a markdown table, JSON and a PNG bar chart (needs matplotlib: pip install 'flashsloth[plot]'). "
+        "A variant already trained in OUTPUT/VARIANT with the same recipe is reused: an interrupted run goes on, and "
+        "the variants can be trained in parallel beforehand (flashsloth demo-train OUTPUT/no-embq --variant no-embq).",
     )
     ablation.add_argument("output", help="Folder for the models, the table, the JSON and the plot.")
     ablation.add_argument("--per-kind", type=int, default=500, help="Questions of each kind (default: %(default)s).")
@@ -457,14 +454,37 @@ def plot_scores(rows: dict[str, dict], path: str | os.PathLike) -> None:
     plt.close(figure)
 
 
+def trained_variant(model_dir: Path, variant: str, recipe: dict):
+    """`(model, processor, seconds)` of a variant already trained in `model_dir` with `recipe`, or `None` when the
+    folder holds no model; a model trained with another recipe is an error (it would not be the same budget)."""
+    if not (model_dir / "config.json").is_file():
+        return None
+    model, processor = _load(str(model_dir))
+    trained = dict(getattr(model.config, "demo_recipe", None) or {})
+    seconds = trained.pop("train_seconds", None)
+    expected = {**recipe, "variant": variant}
+    differences = sorted(key for key in {**trained, **expected} if trained.get(key) != expected.get(key))
+    if differences:
+        raise CliError(
+            f"{model_dir} holds a model trained with another recipe (differs in {', '.join(differences)}); remove it "
+            "or train it again with the same settings"
+        )
+    return model, processor, seconds
+
+
 def run_demo_ablation(args: argparse.Namespace) -> None:
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
+    recipe = {**demo_recipe_defaults(), "stage2_steps": args.stage2_steps}
     rows = {}
     for variant in VARIANTS:
-        model, processor, seconds = train_demo_model(
-            output / variant, output / f"work-{variant}", variant=variant, stage2_steps=args.stage2_steps
-        )
+        reused = trained_variant(output / variant, variant, recipe)
+        if reused is None:
+            work_dir = output / f"work-{variant}"
+            model, processor, seconds = train_demo_model(output / variant, work_dir, variant=variant, **recipe)
+        else:
+            model, processor, seconds = reused
+            print(f"{variant}: reusing the model trained in {output / variant}", flush=True)
         rows[variant] = {**evaluate(model, processor, per_kind=args.per_kind), "train_seconds": round(seconds)}
         print(f"{variant}: {100 * rows[variant]['overall']:.1f}% overall after {seconds / 60:.1f} min", flush=True)
     (output / "ablation.json").write_text(json.dumps(rows, indent=2))

@@ -19,6 +19,7 @@ from flashsloth.demo import (
     evaluate,
     format_scores,
     tokenizer_corpus,
+    trained_variant,
 )
 from flashsloth.training import synthetic
 
@@ -139,6 +140,16 @@ def test_tiny_recipe_trains_and_saves_a_loadable_model(tmp_path):
     assert config["demo_recipe"]["stage2_steps"] == 2 and config["text_config"]["num_hidden_layers"] == 2
     again = run_flashsloth("demo-train", str(tmp_path / "model"))
     assert again.returncode == 2 and "--force" in again.stderr
+    # The ablation reuses a variant trained beforehand only when its recipe is the ablation's.
+    (tmp_path / "ablation").mkdir()
+    (tmp_path / "model").rename(tmp_path / "ablation" / "full")
+    ablation = run_flashsloth("demo-ablation", str(tmp_path / "ablation"), "--per-kind", "1")
+    assert ablation.returncode == 2, ablation.stderr[-2000:]
+    assert "trained with another recipe" in ablation.stderr and "stage2_steps" in ablation.stderr
+    recipe = {key: value for key, value in config["demo_recipe"].items() if key not in ("variant", "train_seconds")}
+    model, processor, seconds = trained_variant(tmp_path / "ablation" / "full", "full", recipe)
+    assert seconds == config["demo_recipe"]["train_seconds"] and model.config.text_config.num_hidden_layers == 2
+    assert trained_variant(tmp_path / "ablation" / "no-embq", "no-embq", recipe) is None
 
 
 # The embedded model itself.
