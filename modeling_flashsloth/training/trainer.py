@@ -114,12 +114,15 @@ class FlashSlothTrainer(Trainer):
         if self.optimizer is not None or not self.group_learning_rates:
             return super().create_optimizer(model)
         optimizer = super().create_optimizer(model)
-        group_of = {id(parameter): parameter_group(name) for name, parameter in (model or self.model).named_parameters()}
+        group_of = {
+            id(parameter): parameter_group(name).removesuffix(" (LoRA)")
+            for name, parameter in (model or self.model).named_parameters()
+        }
         param_groups = []
         for param_group in optimizer.param_groups:
             by_rate = {}
             for parameter in param_group["params"]:
-                rate = self.group_learning_rates.get(group_of[id(parameter)].removesuffix(" (LoRA)"), param_group["lr"])
+                rate = self.group_learning_rates.get(group_of[id(parameter)], param_group["lr"])
                 by_rate.setdefault(rate, []).append(parameter)
             param_groups += [{**param_group, "params": params, "lr": rate} for rate, params in by_rate.items()]
         # No step has run yet: the optimizer has no state, only its groups change.
