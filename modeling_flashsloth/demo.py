@@ -41,10 +41,15 @@ def demo_recipe_defaults() -> dict:
         "vision_layers": 3,
         "text_hidden_size": 128,
         "text_layers": 4,
+        "encoder_steps": 600,
+        "encoder_batch_size": 64,
+        "encoder_learning_rate": 1e-3,
         "stage1_samples": 12000,
         "stage1_steps": 100,
         "stage1_learning_rate": 1e-3,
         "stage2_samples": 48000,
+        "stage2_turns": 1,
+        "stage2_caption_samples": 12000,
         "stage2_steps": 6000,
         "stage2_learning_rate": 1e-3,
         "batch_size": 16,
@@ -162,6 +167,7 @@ def train_demo_model(output_dir: str | os.PathLike, work_dir: str | os.PathLike,
     from .processing import build_processor
     from .training import synthetic
     from .training.data import LlavaDataset
+    from .training.encoder import SlotLabelDataset, pretrain_encoder
     from .training.trainer import save_trained_model, train
 
     recipe = {**demo_recipe_defaults(), **overrides}
@@ -172,13 +178,18 @@ def train_demo_model(output_dir: str | os.PathLike, work_dir: str | os.PathLike,
         work_dir / "stage1", recipe["stage1_samples"], stage=1, seed=recipe["seed"], image_size=2 * recipe["image_size"]
     )
     questions = synthetic.generate_dataset(
-        work_dir / "stage2", recipe["stage2_samples"], stage=2, seed=recipe["seed"], image_size=2 * recipe["image_size"]
+        work_dir / "stage2",
+        recipe["stage2_samples"],
+        stage=2,
+        seed=recipe["seed"],
+        image_size=2 * recipe["image_size"],
+        turns=recipe["stage2_turns"],
     )
     caption_records = relocated(captions, work_dir)
     question_records = relocated(questions, work_dir)
     records = caption_records + question_records
-    # Stage 2 draws from the questions and the captions shuffled together.
-    mixture = records.copy()
+    # Stage 2 draws from the questions and the first `stage2_caption_samples` captions shuffled together.
+    mixture = caption_records[: recipe["stage2_caption_samples"]] + question_records
     random.Random(recipe["seed"]).shuffle(mixture)
     chat_template = demo_chat_template()
     tokenizer = train_demo_tokenizer(tokenizer_corpus(records, chat_template), recipe["vocab_size"])
@@ -198,6 +209,17 @@ def train_demo_model(output_dir: str | os.PathLike, work_dir: str | os.PathLike,
         dataloader_pin_memory=False,
         disable_tqdm=not sys.stderr.isatty(),
     )
+    if recipe["encoder_steps"]:
+        pretrain_encoder(
+            model,
+            SlotLabelDataset(caption_records, work_dir, processor.image_processor),
+            work_dir / "run-stage0",
+            per_device_train_batch_size=recipe["encoder_batch_size"],
+            max_steps=recipe["encoder_steps"],
+            learning_rate=recipe["encoder_learning_rate"],
+            weight_decay=0.01,
+            **{key: value for key, value in common.items() if key not in ("per_device_train_batch_size", "weight_decay")},
+        )
     model = train(
         model,
         processor,

@@ -72,6 +72,39 @@ def test_every_question_has_one_right_answer():
     assert answers["color"] == set(synthetic.COLORS) and answers["shape"] == set(synthetic.SHAPES)
 
 
+def question_kind(question: str) -> str:
+    """The kind of a question, from its opening words (independently of the generator's templates table)."""
+    openings = {
+        "count": ("How many",),
+        "exist": ("Is there", "Does the image contain"),
+        "position": ("Where", "In which part"),
+        "color": ("What color", "Which color"),
+        "shape": ("What shape", "Which shape"),
+    }
+    (kind,) = [kind for kind, starts in openings.items() if question.startswith(starts)]
+    return kind
+
+
+def test_multi_turn_samples_ask_other_kinds_about_the_same_scene():
+    rng = random.Random(0)
+    turn_counts = set()
+    for index in range(300):
+        scene, record = synthetic.make_sample(index, 2, rng, turns=3)
+        conversations = record["conversations"]
+        assert [turn["from"] for turn in conversations] == ["human", "gpt"] * (len(conversations) // 2)
+        questions = [turn["value"] for turn in conversations[::2]]
+        assert questions[0].startswith("<image>\n") and not any("<image>" in q for q in questions[1:])
+        questions[0] = questions[0][len("<image>\n") :]
+        kinds = [question_kind(question) for question in questions]
+        assert kinds[0] == record["kind"] == synthetic.QUESTION_KINDS[index % 5] and len(set(kinds)) == len(kinds)
+        for question, kind, answer in zip(questions, kinds, conversations[1::2]):
+            assert answer["value"] == scene_answer(scene, kind, question)
+        turn_counts.add(len(questions))
+    assert turn_counts == {2, 3}  # a follow-up kind without an unambiguous question on the scene is left out
+    with pytest.raises(ValueError, match="turns must be at least 1"):
+        synthetic.make_sample(0, 2, rng, turns=0)
+
+
 def test_rendered_objects_have_their_colour_at_their_slot():
     rng = random.Random(1)
     for _ in range(50):
@@ -94,6 +127,15 @@ def test_dataset_is_deterministic_and_balanced(tmp_path):
     assert {kinds.count(kind) for kind in synthetic.QUESTION_KINDS} == {5}
     captions = json.loads(synthetic.generate_dataset(tmp_path / "d", 3, stage=1, seed=7).read_text())
     assert all(record["conversations"][1]["value"].startswith("There ") for record in captions)
+    # Every record carries its scene: the caption can be rebuilt from the objects.
+    for record in captions + records:
+        scene = synthetic.Scene(tuple(synthetic.SceneObject(**obj) for obj in record["objects"]), (0, 0, 0))
+        if record["kind"] == "caption":
+            assert synthetic.describe(scene) == record["conversations"][1]["value"]
+        else:
+            assert scene_answer(scene, record["kind"], record["conversations"][0]["value"][len("<image>\n") :]) == (
+                record["conversations"][1]["value"]
+            )
 
 
 def test_bad_generator_arguments_are_clear_errors(tmp_path):
@@ -131,7 +173,8 @@ def test_score_table_lists_every_kind():
 
 def test_tiny_recipe_trains_and_saves_a_loadable_model(tmp_path):
     result = run_flashsloth(
-        "demo-train", str(tmp_path / "model"), "--work-dir", str(tmp_path / "work"), "--stage1-samples", "16",
+        "demo-train", str(tmp_path / "model"), "--work-dir", str(tmp_path / "work"), "--encoder-steps", "2",
+        "--encoder-batch-size", "4", "--stage1-samples", "16",
         "--stage1-steps", "2", "--stage2-samples", "20", "--stage2-steps", "2", "--batch-size", "4",
         "--text-layers", "2", "--vision-layers", "2", "--vocab-size", "300",
     )  # fmt: skip

@@ -6,6 +6,7 @@ position word. Stage-1 samples caption the scene; stage-2 samples ask one of fiv
 answer. Both are written as LLaVA-format JSON plus a folder of PNG images:
 
     {"id": "qa-000001", "image": "images/qa-000001.png", "kind": "count",
+     "objects": [{"shape": "circle", "color": "red", "size": "small", "position": "left"}, ...],
      "conversations": [{"from": "human", "value": "<image>\\nHow many shapes are there?"},
                        {"from": "gpt", "value": "3"}]}
 """
@@ -13,7 +14,7 @@ answer. Both are written as LLaVA-format JSON plus a folder of PNG images:
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -151,29 +152,42 @@ def ask(scene: Scene, kind: str, rng: random.Random) -> tuple[str, str] | None:
     return template.format(color=target.color, shape=target.shape), target.position
 
 
-def make_sample(index: int, stage: int, rng: random.Random, kinds: tuple[str, ...] = QUESTION_KINDS):
-    """One `(scene, record)`: a caption sample for stage 1, a question of a kind cycled by `index` for stage 2."""
+def make_sample(index: int, stage: int, rng: random.Random, kinds: tuple[str, ...] = QUESTION_KINDS, turns: int = 1):
+    """
+    One `(scene, record)`: a caption sample for stage 1; for stage 2 a question of a kind cycled by `index` (the
+    record's `"kind"`), followed, when `turns > 1`, by questions of up to `turns - 1` other kinds about the same scene
+    in random order (a kind with no unambiguous question on the scene is left out).
+    """
     if stage not in (1, 2):
         raise ValueError(f"stage must be 1 (captions) or 2 (questions), got {stage!r}")
+    if turns < 1:
+        raise ValueError(f"turns must be at least 1, got {turns!r}")
     sample_id = f"{'caption' if stage == 1 else 'qa'}-{index:06d}"
     while True:
         scene = sample_scene(rng)
         if stage == 1:
-            kind, question, answer = "caption", rng.choice(CAPTION_PROMPTS), describe(scene)
+            kind, turn_pairs = "caption", [(rng.choice(CAPTION_PROMPTS), describe(scene))]
             break
         kind = kinds[index % len(kinds)]
-        question_answer = ask(scene, kind, rng)
-        if question_answer is not None:
-            question, answer = question_answer
+        first = ask(scene, kind, rng)
+        if first is not None:
+            turn_pairs = [first]
+            if turns > 1:
+                others = [other for other in kinds if other != kind]
+                rng.shuffle(others)
+                follow_ups = (ask(scene, other, rng) for other in others[: turns - 1])
+                turn_pairs += [pair for pair in follow_ups if pair is not None]
             break
+    conversations = []
+    for turn, (question, answer) in enumerate(turn_pairs):
+        conversations.append({"from": "human", "value": f"<image>\n{question}" if turn == 0 else question})
+        conversations.append({"from": "gpt", "value": answer})
     record = {
         "id": sample_id,
         "image": f"images/{sample_id}.png",
         "kind": kind,
-        "conversations": [
-            {"from": "human", "value": f"<image>\n{question}"},
-            {"from": "gpt", "value": answer},
-        ],
+        "objects": [asdict(obj) for obj in scene.objects],
+        "conversations": conversations,
     }
     return scene, record
 
@@ -186,21 +200,25 @@ def generate_dataset(
     image_size: int = 144,
     kinds: tuple[str, ...] = QUESTION_KINDS,
     json_name: str = "data.json",
+    turns: int = 1,
 ) -> Path:
     """
     Write `num_samples` samples (images under `output_dir/images/`, records in `output_dir/json_name` with image paths
-    relative to `output_dir`) and return the JSON path. The same arguments always give byte-identical files. Stage 2 cycles through `kinds`, so every kind gets
-    the same number of questions (within one).
+    relative to `output_dir`) and return the JSON path. The same arguments always give byte-identical files. Stage 2
+    cycles through `kinds` for the first question of each sample, so every kind gets the same number of them (within
+    one); `turns > 1` adds follow-up questions of other kinds (see `make_sample`).
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+    if turns < 1:
+        raise ValueError(f"turns must be at least 1, got {turns!r}")
     output_dir = Path(output_dir)
     image_dir = output_dir / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(f"flashsloth-synthetic-{seed}-{stage}")
     records = []
     for index in tqdm(range(num_samples), desc=f"stage-{stage} samples", leave=False):
-        scene, record = make_sample(index, stage, rng, kinds)
+        scene, record = make_sample(index, stage, rng, kinds, turns)
         render_scene(scene, image_size, rng).save(output_dir / record["image"])
         records.append(record)
     json_path = output_dir / json_name

@@ -1,0 +1,140 @@
+"""
+Stage 0 of the demo recipe: pre-training the tiny SigLIP-shaped encoder on the synthetic scenes.
+
+FlashSloth starts from a pre-trained SigLIP and keeps it frozen in both stages; a tiny encoder trained from scratch
+has no such start. This stage stands in for SigLIP's own pre-training: the encoder learns to name what each slot of
+the scene holds (empty or not, and the object's shape, colour and size) through one linear head per attribute on the
+mean feature of the slot's pooling window. The heads are thrown away; only the encoder's weights are kept.
+"""
+
+import os
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import Dataset
+
+from . import synthetic
+
+
+# Attribute -> its classes; "present" is 0 for an empty slot (whose other attributes are not scored).
+SLOT_ATTRIBUTES = {
+    "present": ("no", "yes"),
+    "shape": synthetic.SHAPES,
+    "color": tuple(synthetic.COLORS),
+    "size": synthetic.SIZES,
+}
+IGNORE_INDEX = -100
+
+
+def slot_labels(objects: list[dict]) -> torch.LongTensor:
+    """`(num_slots, num_attributes)` class ids of a scene's `objects` (records' `"objects"`), in `POSITIONS` order."""
+    labels = torch.full((len(synthetic.POSITIONS), len(SLOT_ATTRIBUTES)), IGNORE_INDEX, dtype=torch.long)
+    labels[:, 0] = 0
+    for obj in objects:
+        slot = synthetic.POSITIONS.index(obj["position"])
+        labels[slot] = torch.tensor([1] + [SLOT_ATTRIBUTES[name].index(obj[name]) for name in ("shape", "color", "size")])
+    return labels
+
+
+def slot_windows(windows_per_side: int) -> list[int]:
+    """Index (row-major) of the pooling window holding each slot's centre, in `POSITIONS` order."""
+    return [
+        int(y * windows_per_side) * windows_per_side + int(x * windows_per_side)
+        for x, y in (synthetic.SLOT_CENTERS[position] for position in synthetic.POSITIONS)
+    ]
+
+
+class SlotLabelDataset(Dataset):
+    """Synthetic records that carry `"objects"` -> `{"pixel_values", "labels"}` through the FlashSloth image processor."""
+
+    def __init__(self, records: list[dict], image_folder: str | os.PathLike, image_processor):
+        missing = [record.get("id") for record in records if "objects" not in record]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} records have no 'objects' (e.g. {missing[0]!r}): encoder pre-training needs the "
+                "scene labels that `synthetic.generate_dataset` writes."
+            )
+        self.records = records
+        self.image_folder = Path(image_folder)
+        self.image_processor = image_processor
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        with Image.open(self.image_folder / record["image"]) as image:
+            pixel_values = self.image_processor(image.convert("RGB"), return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixel_values.reshape(pixel_values.shape[-3:]), "labels": slot_labels(record["objects"])}
+
+
+class SlotClassifier(nn.Module):
+    """The encoder of a FlashSloth model with a linear head per slot attribute on the mean feature of each slot's
+    pooling window; `forward` returns `{"loss", "logits"}` as the `Trainer` expects."""
+
+    def __init__(self, vision_tower: nn.Module, patch_grid_size: int, pooling_window: int):
+        super().__init__()
+        self.vision_tower = vision_tower
+        self.patch_grid_size = patch_grid_size
+        self.pooling_window = pooling_window
+        self.slot_windows = slot_windows(patch_grid_size // pooling_window)
+        hidden_size = vision_tower.config.hidden_size
+        self.heads = nn.ModuleList(nn.Linear(hidden_size, len(classes)) for classes in SLOT_ATTRIBUTES.values())
+
+    def slot_features(self, pixel_values: torch.FloatTensor) -> torch.Tensor:
+        """`(batch, channels, height, width)` -> `(batch, num_slots, hidden_size)` window means at the slots."""
+        features = self.vision_tower(pixel_values).last_hidden_state  # (batch, grid * grid, hidden)
+        batch, hidden = features.shape[0], features.shape[-1]
+        windows, window = self.patch_grid_size // self.pooling_window, self.pooling_window
+        features = features.view(batch, windows, window, windows, window, hidden).permute(0, 1, 3, 2, 4, 5)
+        window_means = features.reshape(batch, windows * windows, window * window, hidden).mean(dim=2)
+        return window_means[:, self.slot_windows]
+
+    def forward(self, pixel_values: torch.FloatTensor, labels: torch.LongTensor | None = None) -> dict:
+        slot_features = self.slot_features(pixel_values)
+        logits = [head(slot_features) for head in self.heads]  # per attribute: (batch, num_slots, num_classes)
+        output = {"logits": tuple(logits)}
+        if labels is not None:
+            output["loss"] = sum(
+                nn.functional.cross_entropy(
+                    attribute_logits.flatten(0, 1), labels[..., index].flatten(), ignore_index=IGNORE_INDEX
+                )
+                for index, attribute_logits in enumerate(logits)
+            )
+        return output
+
+
+@torch.no_grad()
+def slot_accuracy(classifier: SlotClassifier, dataset: SlotLabelDataset, batch_size: int = 100) -> dict[str, float]:
+    """Accuracy of each attribute head on `dataset` (empty slots count only for "present")."""
+    was_training = classifier.training
+    classifier.eval()
+    correct = torch.zeros(len(SLOT_ATTRIBUTES))
+    scored = torch.zeros(len(SLOT_ATTRIBUTES))
+    for start in range(0, len(dataset), batch_size):
+        items = [dataset[index] for index in range(start, min(start + batch_size, len(dataset)))]
+        labels = torch.stack([item["labels"] for item in items])
+        logits = classifier(torch.stack([item["pixel_values"] for item in items]))["logits"]
+        for index, attribute_logits in enumerate(logits):
+            scored_slots = labels[..., index] != IGNORE_INDEX
+            correct[index] += (attribute_logits.argmax(-1) == labels[..., index])[scored_slots].sum()
+            scored[index] += scored_slots.sum()
+    classifier.train(was_training)
+    return {name: (correct[index] / scored[index]).item() for index, name in enumerate(SLOT_ATTRIBUTES)}
+
+
+def pretrain_encoder(model, dataset: SlotLabelDataset, output_dir, **training_args) -> SlotClassifier:
+    """
+    Train `model`'s vision tower in place on `dataset` with the `Trainer` (`training_args` are `TrainingArguments`)
+    and return the classifier, whose heads can score the result with [`slot_accuracy`].
+    """
+    from transformers import Trainer, TrainingArguments
+
+    config = model.config
+    classifier = SlotClassifier(model.model.vision_tower, config.patch_grid_size, config.pooling_window)
+    classifier.train()
+    args = TrainingArguments(output_dir=str(output_dir), report_to=[], remove_unused_columns=False, **training_args)
+    Trainer(model=classifier, args=args, train_dataset=dataset).train()
+    return classifier
