@@ -41,6 +41,7 @@ def demo_recipe_defaults() -> dict:
         "vision_layers": 3,
         "text_hidden_size": 128,
         "text_layers": 4,
+        "query_hidden_size": 64,
         "encoder_steps": 600,
         "encoder_batch_size": 64,
         "encoder_learning_rate": 1e-3,
@@ -56,6 +57,54 @@ def demo_recipe_defaults() -> dict:
         "train_vision_tower": False,
         "seed": TRAIN_SEED,
     }
+
+
+RECIPE_HELP = {
+    "image_size": "side of the encoder's input in pixels (scenes are drawn at twice this size)",
+    "patch_size": "side of the encoder's patches in pixels",
+    "vocab_size": "BPE vocabulary size of the tokenizer trained on the training texts",
+    "vision_hidden_size": "width of the SigLIP-shaped encoder",
+    "vision_layers": "encoder layers (FlashSloth reads the one before last)",
+    "text_hidden_size": "width of the Phi-shaped language model",
+    "text_layers": "language model layers (EmbQ runs before the middle one)",
+    "query_hidden_size": "width of EmbQ's attention",
+    "encoder_steps": "stage-0 steps: the encoder learns each slot's object from the scene labels (0 keeps it random)",
+    "encoder_batch_size": "stage-0 batch size",
+    "encoder_learning_rate": "stage-0 peak learning rate",
+    "stage1_samples": "caption samples generated (stage 1, stage 0's images, stage 2's caption share)",
+    "stage1_steps": "stage-1 steps (SAP + projector on captions)",
+    "stage1_learning_rate": "stage-1 peak learning rate",
+    "stage2_samples": "question samples generated for stage 2",
+    "stage2_turns": "questions per stage-2 sample: the first of a cycled kind, then follow-ups of other kinds",
+    "stage2_caption_samples": "captions mixed into stage 2 (all of them when more than stage1_samples)",
+    "stage2_steps": "stage-2 steps (SAP, projector, query tokens, EmbQ, language model)",
+    "stage2_learning_rate": "stage-2 peak learning rate",
+    "batch_size": "batch size of stages 1 and 2",
+    "train_vision_tower": "also train the encoder in stage 2",
+    "seed": "seed of the training data and the initial weights",
+}
+
+
+def check_recipe(recipe: dict) -> None:
+    """Raise a `ValueError` naming every recipe value that cannot train (before any data is generated)."""
+    from .training import synthetic
+
+    unknown = sorted(set(recipe) - set(RECIPE_HELP))
+    problems = [f"unknown recipe keys {unknown}; the recipe has {sorted(RECIPE_HELP)}"] if unknown else []
+    for name, value in recipe.items():
+        if name in unknown or isinstance(value, bool) or name == "seed":
+            continue
+        if name.endswith("learning_rate"):
+            if not 0 < value < float("inf"):  # also catches NaN
+                problems.append(f"{name} must be a positive number, got {value!r}")
+            continue
+        lowest = 0 if name in ("encoder_steps", "stage2_caption_samples") else 1
+        if not value >= lowest:
+            problems.append(f"{name} must be at least {lowest}, got {value!r}")
+    if not recipe.get("stage2_turns", 1) <= len(synthetic.QUESTION_KINDS):
+        problems.append(f"stage2_turns is at most {len(synthetic.QUESTION_KINDS)} (one question of each kind)")
+    if problems:
+        raise ValueError("Bad demo recipe: " + "; ".join(problems) + ".")
 
 
 def train_demo_tokenizer(texts, vocab_size: int, model_max_length: int = 256):
@@ -143,7 +192,7 @@ def build_demo_model(processor, recipe: dict, variant: str = "full"):
             "eos_token_id": tokenizer.eos_token_id,
         },
         query_layer_index=text_layers // 2,
-        query_hidden_size=64,
+        query_hidden_size=recipe["query_hidden_size"],
         image_token_id=processor.image_token_id,
         query_token_id=processor.query_token_id,
         # As Phi-2's id 764 (" ?"), the anchor of the query tokens is the question mark.
@@ -171,6 +220,7 @@ def train_demo_model(output_dir: str | os.PathLike, work_dir: str | os.PathLike,
     from .training.trainer import save_trained_model, train
 
     recipe = {**demo_recipe_defaults(), **overrides}
+    check_recipe(recipe)
     started = time.perf_counter()
     work_dir = Path(work_dir)
     set_seed(recipe["seed"])
@@ -322,10 +372,11 @@ def add_commands(subparsers) -> None:
     train_parser = subparsers.add_parser(
         "demo-train",
         help="Reproduce the demo model: synthetic data, tokenizer, model, stage 1 and stage 2 training on the CPU.",
-        description="Train a tiny FlashSloth from scratch with the paper's two stages on synthetic shape scenes: "
-        "stage 1 trains SAP and the projector on captions, stage 2 SAP, the projector, the query tokens, EmbQ and the "
-        "language model on questions mixed with captions (the randomly initialised vision encoder stays frozen unless "
-        "--train-vision-tower). Writes an HF-native folder. The defaults are the recipe of the embedded model.",
+        description="Train a tiny FlashSloth from scratch on synthetic shape scenes: stage 0 pre-trains the encoder on "
+        "the scenes' labels (standing in for SigLIP's pre-training), then the paper's two stages: stage 1 trains SAP "
+        "and the projector on captions, stage 2 SAP, the projector, the query tokens, EmbQ and the language model on "
+        "questions mixed with captions (the encoder stays frozen unless --train-vision-tower). Writes an HF-native "
+        "folder. The defaults are the recipe of the embedded model.",
     )
     train_parser.add_argument("output", help="Folder for the trained model (must not exist, unless --force).")
     train_parser.add_argument("--variant", choices=tuple(VARIANTS), default="full", help="Model variant (default: full).")
@@ -333,7 +384,8 @@ def add_commands(subparsers) -> None:
     train_parser.add_argument("--force", action="store_true", help="Replace an existing output folder.")
     for name, value in recipe.items():
         kind = {"action": argparse.BooleanOptionalAction} if isinstance(value, bool) else {"type": type(value)}
-        train_parser.add_argument(f"--{name.replace('_', '-')}", default=value, help="(default: %(default)s)", **kind)
+        help_text = f"{RECIPE_HELP[name]} (default: %(default)s)"
+        train_parser.add_argument(f"--{name.replace('_', '-')}", default=value, help=help_text, **kind)
     train_parser.set_defaults(handler=run_demo_train)
 
     eval_parser = subparsers.add_parser(
@@ -423,6 +475,7 @@ def run_demo_train(args: argparse.Namespace) -> None:
 
     recipe = {name: getattr(args, name) for name in demo_recipe_defaults()}
     try:
+        check_recipe(recipe)
         check_output_dir(args.output, force=args.force)
     except (FileExistsError, ValueError) as error:
         raise CliError(str(error)) from error

@@ -15,7 +15,9 @@ import flashsloth
 from flashsloth.demo import (
     DEMO_MODEL_DIR,
     DEMO_SYSTEM_PROMPT,
+    check_recipe,
     demo_chat_template,
+    demo_recipe_defaults,
     evaluate,
     format_scores,
     tokenizer_corpus,
@@ -163,6 +165,17 @@ def test_demo_chat_template_only_changes_the_default_system_prompt():
     (default,), _ = render_jinja_template([messages], chat_template=DEFAULT_CHAT_TEMPLATE, add_generation_prompt=True)
     assert demo.startswith(DEMO_SYSTEM_PROMPT + " ")
     assert demo[len(DEMO_SYSTEM_PROMPT) :] == default[default.index(" USER: ") :]
+
+
+def test_bad_recipes_are_refused_before_any_work(tmp_path):
+    check_recipe(demo_recipe_defaults())
+    with pytest.raises(ValueError, match="encoder_steps must be at least 0.*stage2_learning_rate must be a positive"):
+        check_recipe({**demo_recipe_defaults(), "encoder_steps": -1, "stage2_learning_rate": float("nan")})
+    with pytest.raises(ValueError, match=r"unknown recipe keys \['stage3_steps'\]"):
+        check_recipe({**demo_recipe_defaults(), "stage3_steps": 1})
+    result = run_flashsloth("demo-train", str(tmp_path / "model"), "--stage2-turns", "6")
+    assert result.returncode == 2 and "stage2_turns is at most 5" in result.stderr
+    assert not (tmp_path / "model").exists()
 
 
 def test_score_table_lists_every_kind():

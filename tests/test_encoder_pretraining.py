@@ -56,15 +56,16 @@ def test_dataset_items_are_processed_pixels_and_labels(tiny_stage0):
         SlotLabelDataset([{"id": "x", "image": "x.png"}], ".", None)
 
 
-def test_classifier_reads_window_means_at_the_slots(tiny_stage0):
+def test_classifier_reads_the_patches_of_the_slot_windows(tiny_stage0):
     model, dataset = tiny_stage0
     classifier = SlotClassifier(model.model.vision_tower, patch_grid_size=9, pooling_window=3)
     pixel_values = torch.stack([dataset[index]["pixel_values"] for index in range(2)])
     features = model.model.vision_tower(pixel_values).last_hidden_state.view(2, 9, 9, -1)
     # The left slot is the window at rows 3-5, columns 0-2 of the 9x9 patch grid; the top one rows 0-2, columns 3-5.
     slot_features = classifier.slot_features(pixel_values)
-    torch.testing.assert_close(slot_features[:, 0], features[:, 3:6, 0:3].mean(dim=(1, 2)))
-    torch.testing.assert_close(slot_features[:, 2], features[:, 0:3, 3:6].mean(dim=(1, 2)))
+    assert slot_features.shape == (2, 4, 9, features.shape[-1])
+    torch.testing.assert_close(slot_features[:, 0], features[:, 3:6, 0:3].reshape(2, 9, -1))
+    torch.testing.assert_close(slot_features[:, 2], features[:, 0:3, 3:6].reshape(2, 9, -1))
 
 
 def test_pretraining_changes_only_the_encoder_and_learns(tiny_stage0, tmp_path):

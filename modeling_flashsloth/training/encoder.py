@@ -3,8 +3,9 @@ Stage 0 of the demo recipe: pre-training the tiny SigLIP-shaped encoder on the s
 
 FlashSloth starts from a pre-trained SigLIP and keeps it frozen in both stages; a tiny encoder trained from scratch
 has no such start. This stage stands in for SigLIP's own pre-training: the encoder learns to name what each slot of
-the scene holds (empty or not, and the object's shape, colour and size) through one linear head per attribute on the
-mean feature of the slot's pooling window. The heads are thrown away; only the encoder's weights are kept.
+the scene holds (empty or not, and the object's shape, colour and size) through one linear head per attribute, applied
+to every patch of the slot's pooling window: each patch learns what the object of its window is, which is what EmbQ's
+attention over the patches looks for. The heads are thrown away; only the encoder's weights are kept.
 """
 
 import os
@@ -71,8 +72,8 @@ class SlotLabelDataset(Dataset):
 
 
 class SlotClassifier(nn.Module):
-    """The encoder of a FlashSloth model with a linear head per slot attribute on the mean feature of each slot's
-    pooling window; `forward` returns `{"loss", "logits"}` as the `Trainer` expects."""
+    """The encoder of a FlashSloth model with a linear head per slot attribute on every patch of each slot's pooling
+    window; `forward` returns `{"loss", "logits"}` as the `Trainer` expects."""
 
     def __init__(self, vision_tower: nn.Module, patch_grid_size: int, pooling_window: int):
         super().__init__()
@@ -84,22 +85,26 @@ class SlotClassifier(nn.Module):
         self.heads = nn.ModuleList(nn.Linear(hidden_size, len(classes)) for classes in SLOT_ATTRIBUTES.values())
 
     def slot_features(self, pixel_values: torch.FloatTensor) -> torch.Tensor:
-        """`(batch, channels, height, width)` -> `(batch, num_slots, hidden_size)` window means at the slots."""
+        """`(batch, channels, height, width)` -> `(batch, num_slots, window * window, hidden_size)`: the features of
+        the patches of each slot's window, row-major."""
         features = self.vision_tower(pixel_values).last_hidden_state  # (batch, grid * grid, hidden)
         batch, hidden = features.shape[0], features.shape[-1]
         windows, window = self.patch_grid_size // self.pooling_window, self.pooling_window
         features = features.view(batch, windows, window, windows, window, hidden).permute(0, 1, 3, 2, 4, 5)
-        window_means = features.reshape(batch, windows * windows, window * window, hidden).mean(dim=2)
-        return window_means[:, self.slot_windows]
+        return features.reshape(batch, windows * windows, window * window, hidden)[:, self.slot_windows]
 
     def forward(self, pixel_values: torch.FloatTensor, labels: torch.LongTensor | None = None) -> dict:
         slot_features = self.slot_features(pixel_values)
-        logits = [head(slot_features) for head in self.heads]  # per attribute: (batch, num_slots, num_classes)
+        # Per attribute: (batch, num_slots, patches per window, num_classes).
+        logits = [head(slot_features) for head in self.heads]
         output = {"logits": tuple(logits)}
         if labels is not None:
+            patches_per_window = slot_features.shape[2]
             output["loss"] = sum(
                 nn.functional.cross_entropy(
-                    attribute_logits.flatten(0, 1), labels[..., index].flatten(), ignore_index=IGNORE_INDEX
+                    attribute_logits.flatten(0, 2),
+                    labels[..., index, None].expand(-1, -1, patches_per_window).flatten(),
+                    ignore_index=IGNORE_INDEX,
                 )
                 for index, attribute_logits in enumerate(logits)
             )
@@ -108,7 +113,8 @@ class SlotClassifier(nn.Module):
 
 @torch.no_grad()
 def slot_accuracy(classifier: SlotClassifier, dataset: SlotLabelDataset, batch_size: int = 100) -> dict[str, float]:
-    """Accuracy of each attribute head on `dataset` (empty slots count only for "present")."""
+    """Accuracy of each attribute head on `dataset`, from the mean of its logits over the patches of a slot's window
+    (empty slots count only for "present")."""
     was_training = classifier.training
     classifier.eval()
     correct = torch.zeros(len(SLOT_ATTRIBUTES))
@@ -118,6 +124,7 @@ def slot_accuracy(classifier: SlotClassifier, dataset: SlotLabelDataset, batch_s
         labels = torch.stack([item["labels"] for item in items])
         logits = classifier(torch.stack([item["pixel_values"] for item in items]))["logits"]
         for index, attribute_logits in enumerate(logits):
+            attribute_logits = attribute_logits.mean(dim=2)
             scored_slots = labels[..., index] != IGNORE_INDEX
             correct[index] += (attribute_logits.argmax(-1) == labels[..., index])[scored_slots].sum()
             scored[index] += scored_slots.sum()
