@@ -41,7 +41,7 @@ def demo_recipe_defaults() -> dict:
         "vision_layers": 3,
         "text_hidden_size": 128,
         "text_layers": 4,
-        "query_hidden_size": 64,
+        "query_hidden_size": 128,
         "encoder_steps": 600,
         "encoder_batch_size": 64,
         "encoder_learning_rate": 1e-3,
