@@ -205,10 +205,11 @@ def build_demo_model(processor, recipe: dict, variant: str = "full"):
 
 def train_demo_model(output_dir: str | os.PathLike, work_dir: str | os.PathLike, variant: str = "full", **overrides):
     """
-    The whole recipe: synthetic data, tokenizer, model, stage 1 (SAP + projector on captions), stage 2 (everything
-    on the questions mixed with the captions, as LLaVA's stage-2 mix holds captions too; the encoder stays frozen as
-    in the paper: trained from scratch with the rest, its features grow without bound, since FlashSloth reads them
-    without a final LayerNorm, and SAP's softmax saturates), and the HF-native folder written to `output_dir`. Returns
+    The whole recipe: synthetic data, tokenizer, model, stage 0 (the encoder pre-trained on the captions' scene
+    labels, see `training.encoder`), stage 1 (SAP + projector on captions), stage 2 (everything but the encoder on the
+    questions mixed with the captions, as LLaVA's stage-2 mix holds captions too; the encoder stays frozen as in the
+    paper: trained with the rest, its features grow without bound, since FlashSloth reads them without a final
+    LayerNorm, and SAP's softmax saturates), and the HF-native folder written to `output_dir`. Returns
     `(model, processor, seconds)`.
     """
     from transformers import set_seed
@@ -264,11 +265,9 @@ def train_demo_model(output_dir: str | os.PathLike, work_dir: str | os.PathLike,
             model,
             SlotLabelDataset(caption_records, work_dir, processor.image_processor),
             work_dir / "run-stage0",
-            per_device_train_batch_size=recipe["encoder_batch_size"],
             max_steps=recipe["encoder_steps"],
             learning_rate=recipe["encoder_learning_rate"],
-            weight_decay=0.01,
-            **{key: value for key, value in common.items() if key not in ("per_device_train_batch_size", "weight_decay")},
+            **{**common, "per_device_train_batch_size": recipe["encoder_batch_size"], "weight_decay": 0.01},
         )
     model = train(
         model,
@@ -371,7 +370,7 @@ def add_commands(subparsers) -> None:
     recipe = demo_recipe_defaults()
     train_parser = subparsers.add_parser(
         "demo-train",
-        help="Reproduce the demo model: synthetic data, tokenizer, model, stage 1 and stage 2 training on the CPU.",
+        help="Reproduce the demo model: synthetic data, tokenizer, model, stages 0, 1 and 2 on the CPU.",
         description="Train a tiny FlashSloth from scratch on synthetic shape scenes: stage 0 pre-trains the encoder on "
         "the scenes' labels (standing in for SigLIP's pre-training), then the paper's two stages: stage 1 trains SAP "
         "and the projector on captions, stage 2 SAP, the projector, the query tokens, EmbQ and the language model on "
