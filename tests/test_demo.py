@@ -225,9 +225,11 @@ def test_demo_model_answers_held_out_questions_better_than_chance():
     processor = AutoProcessor.from_pretrained(DEMO_MODEL_DIR, trust_remote_code=True)
     scores = evaluate(model, processor, per_kind=40, seed=1234)
     # Guessing gives 1/6 (colour), 1/3 (shape), 1/4 (count), 1/2 (exist), 1/4 (position): 30 % overall. The README
-    # reports the model's accuracy on 500 questions of each kind (76.1 % overall; 99.8 % of colours and of counts).
-    assert scores["overall"] >= 0.65, scores
-    assert scores["per_kind"]["count"] >= 0.9 and scores["per_kind"]["color"] >= 0.9, scores
+    # reports the model's accuracy on 500 questions of each kind (90.7 % overall: colour 99.2 %, shape 92.2 %, count
+    # 100 %, exist 89.0 %, position 73.2 %); these 40 per kind scored 91.5 % (75 % of positions).
+    assert scores["overall"] >= 0.85, scores
+    minimum = {"color": 0.95, "shape": 0.8, "count": 0.95, "exist": 0.8, "position": 0.6}
+    assert all(scores["per_kind"][kind] >= minimum[kind] for kind in minimum), scores
 
 
 def test_demo_command_answers_offline():

@@ -22,11 +22,14 @@ from processing_helpers import make_tiny_processor
 
 
 def test_slot_labels_name_each_slot_and_skip_empty_ones():
+    assert list(SLOT_ATTRIBUTES) == ["present", "shape", "color", "size", "position"]
     labels = slot_labels([{"shape": "triangle", "color": "orange", "size": "large", "position": "top"}])
     top = synthetic.POSITIONS.index("top")
-    assert labels[top].tolist() == [1, 2, list(synthetic.COLORS).index("orange"), 1]
+    assert labels[top].tolist() == [1, 2, list(synthetic.COLORS).index("orange"), 1, top]
     empty = [slot for slot in range(len(synthetic.POSITIONS)) if slot != top]
-    assert (labels[empty, 0] == 0).all() and (labels[empty, 1:] == IGNORE_INDEX).all()
+    assert (labels[empty, 0] == 0).all() and (labels[empty, 1:4] == IGNORE_INDEX).all()
+    # Every slot, empty or not, is labelled with where it is.
+    assert labels[:, 4].tolist() == list(range(len(synthetic.POSITIONS)))
     assert labels.shape == (len(synthetic.POSITIONS), len(SLOT_ATTRIBUTES))
 
 
@@ -81,3 +84,4 @@ def test_pretraining_changes_only_the_encoder_and_learns(tiny_stage0, tmp_path):
     trained = slot_accuracy(classifier, dataset)
     assert trained["present"] > untrained["present"] or trained["present"] == 1.0
     assert trained["color"] > untrained["color"]
+    assert trained["position"] > untrained["position"] or trained["position"] == 1.0

@@ -3,9 +3,10 @@ Stage 0 of the demo recipe: pre-training the tiny SigLIP-shaped encoder on the s
 
 FlashSloth starts from a pre-trained SigLIP and keeps it frozen in both stages; a tiny encoder trained from scratch
 has no such start. This stage stands in for SigLIP's own pre-training: the encoder learns to name what each slot of
-the scene holds (empty or not, and the object's shape, colour and size) through one linear head per attribute, applied
-to every patch of the slot's pooling window: each patch learns what the object of its window is, which is what EmbQ's
-attention over the patches looks for. The heads are thrown away; only the encoder's weights are kept.
+the scene holds (empty or not, and the object's shape, colour and size) and where the slot is, through one linear head
+per attribute, applied to every patch of the slot's pooling window: each patch learns what the object of its window is,
+which is what EmbQ's attention over the patches looks for, and where it is, which the language model cannot tell from
+the order of the visual tokens alone. The heads are thrown away; only the encoder's weights are kept.
 """
 
 import os
@@ -19,23 +20,30 @@ from torch.utils.data import Dataset
 from . import synthetic
 
 
-# Attribute -> its classes; "present" is 0 for an empty slot (whose other attributes are not scored).
+# Attribute -> its classes; "present" is 0 for an empty slot, whose object attributes are not scored; every slot has
+# its "position".
 SLOT_ATTRIBUTES = {
     "present": ("no", "yes"),
     "shape": synthetic.SHAPES,
     "color": tuple(synthetic.COLORS),
     "size": synthetic.SIZES,
+    "position": synthetic.POSITIONS,
 }
+OBJECT_ATTRIBUTES = ("shape", "color", "size")
 IGNORE_INDEX = -100
 
 
 def slot_labels(objects: list[dict]) -> torch.LongTensor:
     """`(num_slots, num_attributes)` class ids of a scene's `objects` (records' `"objects"`), in `POSITIONS` order."""
-    labels = torch.full((len(synthetic.POSITIONS), len(SLOT_ATTRIBUTES)), IGNORE_INDEX, dtype=torch.long)
-    labels[:, 0] = 0
+    columns = list(SLOT_ATTRIBUTES)
+    labels = torch.full((len(synthetic.POSITIONS), len(columns)), IGNORE_INDEX, dtype=torch.long)
+    labels[:, columns.index("present")] = 0
+    labels[:, columns.index("position")] = torch.arange(len(synthetic.POSITIONS))
     for obj in objects:
         slot = synthetic.POSITIONS.index(obj["position"])
-        labels[slot] = torch.tensor([1] + [SLOT_ATTRIBUTES[name].index(obj[name]) for name in ("shape", "color", "size")])
+        labels[slot, columns.index("present")] = 1
+        for name in OBJECT_ATTRIBUTES:
+            labels[slot, columns.index(name)] = SLOT_ATTRIBUTES[name].index(obj[name])
     return labels
 
 
@@ -114,7 +122,7 @@ class SlotClassifier(nn.Module):
 @torch.no_grad()
 def slot_accuracy(classifier: SlotClassifier, dataset: SlotLabelDataset, batch_size: int = 100) -> dict[str, float]:
     """Accuracy of each attribute head on `dataset`, from the mean of its logits over the patches of a slot's window
-    (empty slots count only for "present")."""
+    (empty slots count only for "present" and "position")."""
     was_training = classifier.training
     classifier.eval()
     correct = torch.zeros(len(SLOT_ATTRIBUTES))
