@@ -68,7 +68,7 @@ RECIPE_HELP = {
     "text_hidden_size": "width of the Phi-shaped language model",
     "text_layers": "language model layers (EmbQ runs before the middle one)",
     "query_hidden_size": "width of EmbQ's attention",
-    "encoder_steps": "stage-0 steps: the encoder learns each slot's object from the scene labels (0 keeps it random)",
+    "encoder_steps": "stage-0 steps: the encoder learns what each slot holds and where it is (0 keeps it random)",
     "encoder_batch_size": "stage-0 batch size",
     "encoder_learning_rate": "stage-0 peak learning rate",
     "stage1_samples": "caption samples generated (stage 1, stage 0's images, stage 2's caption share)",

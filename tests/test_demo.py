@@ -232,6 +232,43 @@ def test_demo_model_answers_held_out_questions_better_than_chance():
     assert all(scores["per_kind"][kind] >= minimum[kind] for kind in minimum), scores
 
 
+def test_demo_model_visual_tokens_say_where_their_object_is():
+    # Stage 0's position head: a linear probe tells from a slot's visual token alone (not from its index) which slot it
+    # is. Without the head the same probe scored 28 % (chance 25 %) and position questions stayed at guessing level.
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from flashsloth.training.encoder import slot_windows
+
+    model = AutoModelForImageTextToText.from_pretrained(DEMO_MODEL_DIR, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(DEMO_MODEL_DIR, trust_remote_code=True)
+    rng = random.Random(11)
+    scenes = [synthetic.sample_scene(rng) for _ in range(240)]
+    images = [synthetic.render_scene(scene, 2 * processor.image_processor.size["height"], rng) for scene in scenes]
+    pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        image_embeds = model.model.get_image_features(pixel_values.flatten(0, -4)).image_embeds
+    image_embeds = image_embeds.reshape(len(scenes), -1, image_embeds.shape[-1])  # (scenes, 9 tokens, hidden)
+    windows = slot_windows(model.config.patch_grid_size // model.config.pooling_window)
+    scene_slots = [
+        (index, synthetic.POSITIONS.index(obj.position)) for index, scene in enumerate(scenes) for obj in scene.objects
+    ]
+    features = torch.stack([image_embeds[index, windows[slot]] for index, slot in scene_slots])
+    slots = torch.tensor([slot for _, slot in scene_slots])
+    train = len(slots) * 2 // 3
+    features = (features - features[:train].mean(0)) / (features[:train].std(0) + 1e-6)
+    torch.manual_seed(0)
+    probe = torch.nn.Linear(features.shape[1], len(synthetic.POSITIONS))
+    optimizer = torch.optim.Adam(probe.parameters(), lr=1e-2)
+    for _ in range(200):
+        loss = torch.nn.functional.cross_entropy(probe(features[:train]), slots[:train])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    accuracy = (probe(features[train:]).argmax(-1) == slots[train:]).float().mean().item()
+    assert accuracy >= 0.95, accuracy
+
+
 def test_demo_command_answers_offline():
     result = run_flashsloth("demo", "--seed", "5", "--kind", "count")
     assert result.returncode == 0, result.stderr[-2000:]
