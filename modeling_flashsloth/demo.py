@@ -50,6 +50,7 @@ def demo_recipe_defaults() -> dict:
         "stage1_learning_rate": 1e-3,
         "stage2_samples": 48000,
         "stage2_turns": 1,
+        "stage2_kind_mix": "color:1,shape:1,count:1,exist:1,position:1",
         "stage2_caption_samples": 12000,
         "stage2_steps": 7500,
         "stage2_learning_rate": 1e-3,
@@ -76,6 +77,7 @@ RECIPE_HELP = {
     "stage1_learning_rate": "stage-1 peak learning rate",
     "stage2_samples": "question samples generated for stage 2",
     "stage2_turns": "questions per stage-2 sample: the first of a cycled kind, then follow-ups of other kinds",
+    "stage2_kind_mix": "relative shares of the question kinds among the stage-2 samples' first questions",
     "stage2_caption_samples": "captions mixed into stage 2 (all of them when more than stage1_samples)",
     "stage2_steps": "stage-2 steps (SAP, projector, query tokens, EmbQ, language model)",
     "stage2_learning_rate": "stage-2 peak learning rate",
@@ -94,6 +96,12 @@ def check_recipe(recipe: dict) -> None:
     for name, value in recipe.items():
         if name in unknown or isinstance(value, bool) or name == "seed":
             continue
+        if name == "stage2_kind_mix":
+            try:
+                kind_cycle(value)
+            except ValueError as error:
+                problems.append(str(error))
+            continue
         if name.endswith("learning_rate"):
             if not 0 < value < float("inf"):  # also catches NaN
                 problems.append(f"{name} must be a positive number, got {value!r}")
@@ -105,6 +113,25 @@ def check_recipe(recipe: dict) -> None:
         problems.append(f"stage2_turns is at most {len(synthetic.QUESTION_KINDS)} (one question of each kind)")
     if problems:
         raise ValueError("Bad demo recipe: " + "; ".join(problems) + ".")
+
+
+def kind_cycle(kind_mix: str) -> tuple[str, ...]:
+    """The question kinds that stage-2 samples cycle through for a mix such as `"color:2,count:1"` (every kind once
+    per share: `("color", "color", "count")`); kinds left out of the mix get no questions."""
+    from .training.synthetic import QUESTION_KINDS
+
+    shares = {}
+    for item in str(kind_mix).split(","):
+        kind, _, share = item.strip().partition(":")
+        if kind not in QUESTION_KINDS or kind in shares or not share.strip().isdigit():
+            raise ValueError(
+                f"stage2_kind_mix must list question kinds with whole shares, like 'color:2,position:3', each kind at "
+                f"most once (kinds: {', '.join(QUESTION_KINDS)}); got {kind_mix!r}"
+            )
+        shares[kind] = int(share)
+    if not any(shares.values()):
+        raise ValueError(f"stage2_kind_mix gives every kind a share of 0: {kind_mix!r}")
+    return tuple(kind for kind, share in shares.items() for _ in range(share))
 
 
 def train_demo_tokenizer(texts, vocab_size: int, model_max_length: int = 256):
@@ -236,6 +263,7 @@ def train_demo_model(output_dir: str | os.PathLike, work_dir: str | os.PathLike,
         stage=2,
         seed=recipe["seed"],
         image_size=2 * recipe["image_size"],
+        kinds=kind_cycle(recipe["stage2_kind_mix"]),
         turns=recipe["stage2_turns"],
     )
     caption_records = relocated(captions, work_dir)

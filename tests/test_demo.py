@@ -1,5 +1,6 @@
 """The synthetic shapes data, the demo recipe and the embedded demo model."""
 
+import collections
 import filecmp
 import json
 import os
@@ -20,6 +21,7 @@ from flashsloth.demo import (
     demo_recipe_defaults,
     evaluate,
     format_scores,
+    kind_cycle,
     tokenizer_corpus,
     trained_variant,
 )
@@ -176,6 +178,23 @@ def test_bad_recipes_are_refused_before_any_work(tmp_path):
     result = run_flashsloth("demo-train", str(tmp_path / "model"), "--stage2-turns", "6")
     assert result.returncode == 2 and "stage2_turns is at most 5" in result.stderr
     assert not (tmp_path / "model").exists()
+    for bad_mix in ("color:2,colour:1", "color:2,color:1", "color:-1", "color", "count:0"):
+        with pytest.raises(ValueError, match="stage2_kind_mix"):
+            check_recipe({**demo_recipe_defaults(), "stage2_kind_mix": bad_mix})
+
+
+def test_kind_mix_sets_the_share_of_each_question_kind(tmp_path):
+    kinds = kind_cycle("color:1, position:3")
+    assert kinds == ("color", "position", "position", "position")
+    data = synthetic.generate_dataset(tmp_path, 40, stage=2, seed=3, image_size=32, kinds=kinds, turns=2)
+    records = json.loads(data.read_text())
+    assert collections.Counter(record["kind"] for record in records) == {"color": 10, "position": 30}
+    # The follow-up question is of the other kind, however often a kind repeats in the cycle.
+    follow_up_answers = {"color": synthetic.POSITIONS, "position": tuple(synthetic.COLORS)}
+    two_turn = [record for record in records if len(record["conversations"]) == 4]
+    assert two_turn and all(len(record["conversations"]) in (2, 4) for record in records)
+    assert all(record["conversations"][3]["value"] in follow_up_answers[record["kind"]] for record in two_turn)
+    assert kind_cycle(demo_recipe_defaults()["stage2_kind_mix"])
 
 
 def test_score_table_lists_every_kind():

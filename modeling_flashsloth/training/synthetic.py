@@ -173,7 +173,7 @@ def make_sample(index: int, stage: int, rng: random.Random, kinds: tuple[str, ..
         if first is not None:
             turn_pairs = [first]
             if turns > 1:
-                others = [other for other in kinds if other != kind]
+                others = [other for other in dict.fromkeys(kinds) if other != kind]
                 rng.shuffle(others)
                 follow_ups = (ask(scene, other, rng) for other in others[: turns - 1])
                 turn_pairs += [pair for pair in follow_ups if pair is not None]
