@@ -52,8 +52,12 @@ def demo_recipe_defaults() -> dict:
         "stage2_turns": 1,
         "stage2_kind_mix": "color:1,shape:1,count:1,exist:1,position:1",
         "stage2_caption_samples": 12000,
-        "stage2_steps": 7500,
+        "stage2_steps": 5500,
         "stage2_learning_rate": 1e-3,
+        "anneal_samples": 16000,
+        "anneal_kind_mix": "color:3,shape:1,count:1,exist:2,position:4",
+        "anneal_steps": 2500,
+        "anneal_learning_rate": 3e-4,
         "batch_size": 16,
         "train_vision_tower": False,
         "seed": TRAIN_SEED,
@@ -81,6 +85,10 @@ RECIPE_HELP = {
     "stage2_caption_samples": "captions mixed into stage 2 (all of them when more than stage1_samples)",
     "stage2_steps": "stage-2 steps (SAP, projector, query tokens, EmbQ, language model)",
     "stage2_learning_rate": "stage-2 peak learning rate",
+    "anneal_samples": "question samples generated for the end of stage 2",
+    "anneal_kind_mix": "shares of the question kinds at the end of stage 2",
+    "anneal_steps": "steps at the end of stage 2 on questions only, weighted to the kinds learnt last (0: none)",
+    "anneal_learning_rate": "peak learning rate at the end of stage 2",
     "batch_size": "batch size of stages 1 and 2",
     "train_vision_tower": "also train the encoder in stage 2",
     "seed": "seed of the training data and the initial weights",
@@ -96,17 +104,17 @@ def check_recipe(recipe: dict) -> None:
     for name, value in recipe.items():
         if name in unknown or isinstance(value, bool) or name == "seed":
             continue
-        if name == "stage2_kind_mix":
+        if name.endswith("kind_mix"):
             try:
                 kind_cycle(value)
             except ValueError as error:
-                problems.append(str(error))
+                problems.append(f"{name}: {error}")
             continue
         if name.endswith("learning_rate"):
             if not 0 < value < float("inf"):  # also catches NaN
                 problems.append(f"{name} must be a positive number, got {value!r}")
             continue
-        lowest = 0 if name in ("encoder_steps", "stage2_caption_samples") else 1
+        lowest = 0 if name in ("encoder_steps", "stage2_caption_samples", "anneal_steps") else 1
         if not value >= lowest:
             problems.append(f"{name} must be at least {lowest}, got {value!r}")
     if not recipe.get("stage2_turns", 1) <= len(synthetic.QUESTION_KINDS):
@@ -125,12 +133,12 @@ def kind_cycle(kind_mix: str) -> tuple[str, ...]:
         kind, _, share = item.strip().partition(":")
         if kind not in QUESTION_KINDS or kind in shares or not share.strip().isdigit():
             raise ValueError(
-                f"stage2_kind_mix must list question kinds with whole shares, like 'color:2,position:3', each kind at "
+                f"a kind mix must list question kinds with whole shares, like 'color:2,position:3', each kind at "
                 f"most once (kinds: {', '.join(QUESTION_KINDS)}); got {kind_mix!r}"
             )
         shares[kind] = int(share)
     if not any(shares.values()):
-        raise ValueError(f"stage2_kind_mix gives every kind a share of 0: {kind_mix!r}")
+        raise ValueError(f"a kind mix needs a kind with a share above 0, got {kind_mix!r}")
     return tuple(kind for kind, share in shares.items() for _ in range(share))
 
 
@@ -238,8 +246,9 @@ def train_demo_model(output_dir: str | os.PathLike, work_dir: str | os.PathLike,
     labels, see `training.encoder`), stage 1 (SAP + projector on captions), stage 2 (everything but the encoder on the
     questions mixed with the captions, as LLaVA's stage-2 mix holds captions too; the encoder stays frozen as in the
     paper: trained with the rest, its features grow without bound, since FlashSloth reads them without a final
-    LayerNorm, and SAP's softmax saturates), and the HF-native folder written to `output_dir`. Returns
-    `(model, processor, seconds)`.
+    LayerNorm, and SAP's softmax saturates), the end of stage 2 (`anneal_steps` more at a lower learning rate, on
+    questions only, most of them of the kinds that are learnt last: existence and position), and the HF-native folder
+    written to `output_dir`. Returns `(model, processor, seconds)`.
     """
     from transformers import set_seed
 
@@ -268,7 +277,19 @@ def train_demo_model(output_dir: str | os.PathLike, work_dir: str | os.PathLike,
     )
     caption_records = relocated(captions, work_dir)
     question_records = relocated(questions, work_dir)
-    records = caption_records + question_records
+    anneal_records = []
+    if recipe["anneal_steps"]:
+        # The end of stage 2 draws from its own questions (another seed: other scenes than the main stage-2 data).
+        anneal_questions = synthetic.generate_dataset(
+            work_dir / "stage2-anneal",
+            recipe["anneal_samples"],
+            stage=2,
+            seed=recipe["seed"] + 1,
+            image_size=2 * recipe["image_size"],
+            kinds=kind_cycle(recipe["anneal_kind_mix"]),
+        )
+        anneal_records = relocated(anneal_questions, work_dir)
+    records = caption_records + question_records + anneal_records
     # Stage 2 draws from the questions and the first `stage2_caption_samples` captions shuffled together.
     mixture = caption_records[: recipe["stage2_caption_samples"]] + question_records
     random.Random(recipe["seed"]).shuffle(mixture)
@@ -320,6 +341,18 @@ def train_demo_model(output_dir: str | os.PathLike, work_dir: str | os.PathLike,
         learning_rate=recipe["stage2_learning_rate"],
         **common,
     )
+    if recipe["anneal_steps"]:
+        model = train(
+            model,
+            processor,
+            LlavaDataset(anneal_records, image_folder=work_dir),
+            work_dir / "run-stage2-anneal",
+            stage=2,
+            train_vision_tower=recipe["train_vision_tower"],
+            max_steps=recipe["anneal_steps"],
+            learning_rate=recipe["anneal_learning_rate"],
+            **common,
+        )
     seconds = time.perf_counter() - started
     model.config.demo_recipe = {**recipe, "variant": variant, "train_seconds": round(seconds)}
     save_trained_model(model.eval(), processor, output_dir, run_name=f"flashsloth-demo-{variant}")
@@ -441,6 +474,12 @@ def add_commands(subparsers) -> None:
     ablation.add_argument("--per-kind", type=int, default=500, help="Questions of each kind (default: %(default)s).")
     ablation.add_argument(
         "--stage2-steps", type=int, default=recipe["stage2_steps"], help="Stage-2 steps of every variant."
+    )
+    ablation.add_argument(
+        "--anneal-steps",
+        type=int,
+        default=recipe["anneal_steps"],
+        help="Steps at the end of stage 2 of every variant (see demo-train --help).",
     )
     ablation.set_defaults(handler=run_demo_ablation)
 
@@ -579,7 +618,11 @@ def trained_variant(model_dir: Path, variant: str, recipe: dict):
 def run_demo_ablation(args: argparse.Namespace) -> None:
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    recipe = {**demo_recipe_defaults(), "stage2_steps": args.stage2_steps}
+    recipe = {**demo_recipe_defaults(), "stage2_steps": args.stage2_steps, "anneal_steps": args.anneal_steps}
+    try:
+        check_recipe(recipe)
+    except ValueError as error:
+        raise CliError(str(error)) from error
     rows = {}
     for variant in VARIANTS:
         reused = trained_variant(output / variant, variant, recipe)
