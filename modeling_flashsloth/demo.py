@@ -330,27 +330,22 @@ def train_demo_model(output_dir: str | os.PathLike, work_dir: str | os.PathLike,
         learning_rate=recipe["stage1_learning_rate"],
         **common,
     )
-    model = train(
-        model,
-        processor,
-        LlavaDataset(mixture, image_folder=work_dir),
-        work_dir / "run-stage2",
-        stage=2,
-        train_vision_tower=recipe["train_vision_tower"],
-        max_steps=recipe["stage2_steps"],
-        learning_rate=recipe["stage2_learning_rate"],
-        **common,
-    )
+    # Stage 2, then its end phase: (run folder, records, steps, peak learning rate).
+    stage2_phases = [("run-stage2", mixture, recipe["stage2_steps"], recipe["stage2_learning_rate"])]
     if recipe["anneal_steps"]:
+        stage2_phases.append(
+            ("run-stage2-anneal", anneal_records, recipe["anneal_steps"], recipe["anneal_learning_rate"])
+        )
+    for run_name, phase_records, steps, learning_rate in stage2_phases:
         model = train(
             model,
             processor,
-            LlavaDataset(anneal_records, image_folder=work_dir),
-            work_dir / "run-stage2-anneal",
+            LlavaDataset(phase_records, image_folder=work_dir),
+            work_dir / run_name,
             stage=2,
             train_vision_tower=recipe["train_vision_tower"],
-            max_steps=recipe["anneal_steps"],
-            learning_rate=recipe["anneal_learning_rate"],
+            max_steps=steps,
+            learning_rate=learning_rate,
             **common,
         )
     seconds = time.perf_counter() - started
