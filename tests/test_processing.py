@@ -224,6 +224,37 @@ def test_chat_template_marks_assistant_tokens_after_expanded_placeholders(proces
     assert set(outputs.keys()) == {*MODEL_INPUT_NAMES, "assistant_masks"}
 
 
+
+def test_offset_mapping_stays_a_tensor_when_asked_for_directly(processor):
+    # Only the assistant-mask path of `apply_chat_template` gets the offsets as lists (transformers reads them pair by
+    # pair); a direct call keeps the requested tensor type.
+    prompt = "USER: <image>\nHi<learnable> ASSISTANT:"
+    outputs = processor(images=[noise_image(20, 20)], text=prompt, return_offsets_mapping=True, return_tensors="pt")
+
+    assert isinstance(outputs["offset_mapping"], torch.Tensor)
+    assert outputs["offset_mapping"].shape == (*outputs["input_ids"].shape, 2)
+
+
+def test_batched_assistant_masks_equal_single_ones(processor):
+    conversations = [
+        [
+            {"role": "user", "content": [{"type": "image", "image": noise_image(20, 20)}, {"type": "text", "text": q}]},
+            {"role": "assistant", "content": a},
+        ]
+        for q, a in [("Hi", "Hello there."), ("What is shown in this picture?", "Noise.")]
+    ]
+    kwargs = dict(tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+
+    batch = processor.apply_chat_template(conversations, processor_kwargs={"padding_side": "right"}, **kwargs)
+
+    for row, conversation in enumerate(conversations):
+        single = processor.apply_chat_template(conversation, **kwargs)
+        length = single["input_ids"].shape[1]
+        assert batch["input_ids"][row, :length].tolist() == single["input_ids"][0].tolist()
+        assert list(batch["assistant_masks"][row][:length]) == list(single["assistant_masks"][0])
+        assert not any(batch["assistant_masks"][row][length:])
+
+
 # Placeholder expansion and the instruction mask
 
 
