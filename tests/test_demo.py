@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import flashsloth
 from flashsloth.demo import (
@@ -141,6 +142,17 @@ def test_dataset_is_deterministic_and_balanced(tmp_path):
                 record["conversations"][1]["value"]
             )
 
+
+def test_saved_images_hold_the_rendered_pixels(tmp_path):
+    # The PNGs are written at zlib's fastest level: lossless, so they decode to exactly what `render_scene` drew.
+    data = synthetic.generate_dataset(tmp_path, 6, stage=2, seed=5, image_size=40)
+    rng = random.Random("flashsloth-synthetic-5-2")
+    for index, record in enumerate(json.loads(data.read_text())):
+        scene, replayed = synthetic.make_sample(index, 2, rng)
+        drawn = np.asarray(synthetic.render_scene(scene, 40, rng))
+        assert replayed == record
+        with Image.open(tmp_path / record["image"]) as image:
+            np.testing.assert_array_equal(np.asarray(image.convert("RGB")), drawn)
 
 def test_bad_generator_arguments_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="stage must be 1"):
