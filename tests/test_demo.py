@@ -154,6 +154,7 @@ def test_saved_images_hold_the_rendered_pixels(tmp_path):
         with Image.open(tmp_path / record["image"]) as image:
             np.testing.assert_array_equal(np.asarray(image.convert("RGB")), drawn)
 
+
 def test_bad_generator_arguments_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="stage must be 1"):
         synthetic.generate_dataset(tmp_path, 3, stage=3)
