@@ -65,7 +65,7 @@ def demo_recipe_defaults() -> dict:
 
 
 RECIPE_HELP = {
-    "image_size": "side of the encoder's input in pixels (scenes are drawn at twice this size)",
+    "image_size": "side of the encoder's input in pixels (scenes are drawn at twice this size, stored at this one)",
     "patch_size": "side of the encoder's patches in pixels",
     "vocab_size": "BPE vocabulary size of the tokenizer trained on the training texts",
     "vision_hidden_size": "width of the SigLIP-shaped encoder",
@@ -263,8 +263,15 @@ def train_demo_model(output_dir: str | os.PathLike, work_dir: str | os.PathLike,
     started = time.perf_counter()
     work_dir = Path(work_dir)
     set_seed(recipe["seed"])
+    # Scenes are drawn at twice the encoder's input side and stored downscaled as the processor would (the same pixel
+    # values, but every training step reads and decodes a quarter of the pixels).
     captions = synthetic.generate_dataset(
-        work_dir / "stage1", recipe["stage1_samples"], stage=1, seed=recipe["seed"], image_size=2 * recipe["image_size"]
+        work_dir / "stage1",
+        recipe["stage1_samples"],
+        stage=1,
+        seed=recipe["seed"],
+        image_size=2 * recipe["image_size"],
+        save_size=recipe["image_size"],
     )
     questions = synthetic.generate_dataset(
         work_dir / "stage2",
@@ -272,6 +279,7 @@ def train_demo_model(output_dir: str | os.PathLike, work_dir: str | os.PathLike,
         stage=2,
         seed=recipe["seed"],
         image_size=2 * recipe["image_size"],
+        save_size=recipe["image_size"],
         kinds=kind_cycle(recipe["stage2_kind_mix"]),
         turns=recipe["stage2_turns"],
     )
@@ -286,6 +294,7 @@ def train_demo_model(output_dir: str | os.PathLike, work_dir: str | os.PathLike,
             stage=2,
             seed=recipe["seed"] + 1,
             image_size=2 * recipe["image_size"],
+            save_size=recipe["image_size"],
             kinds=kind_cycle(recipe["anneal_kind_mix"]),
         )
         anneal_records = relocated(anneal_questions, work_dir)

@@ -26,6 +26,7 @@ from flashsloth.demo import (
     tokenizer_corpus,
     trained_variant,
 )
+from flashsloth.processing import FlashSlothImageProcessor
 from flashsloth.training import synthetic
 
 
@@ -155,11 +156,29 @@ def test_saved_images_hold_the_rendered_pixels(tmp_path):
             np.testing.assert_array_equal(np.asarray(image.convert("RGB")), drawn)
 
 
+def test_images_stored_downscaled_give_the_pixel_values_of_the_drawings(tmp_path):
+    # The demo recipe stores its scenes at the encoder's input size: the processor must see no difference.
+    image_processor = FlashSlothImageProcessor(size={"height": 24, "width": 24})
+    data = synthetic.generate_dataset(tmp_path, 6, stage=1, seed=5, image_size=48, save_size=24)
+    rng = random.Random("flashsloth-synthetic-5-1")
+    drawings, stored = [], []
+    for index, record in enumerate(json.loads(data.read_text())):
+        scene, _ = synthetic.make_sample(index, 1, rng)
+        drawings.append(synthetic.render_scene(scene, 48, rng))
+        with Image.open(tmp_path / record["image"]) as image:
+            assert image.size == (24, 24)
+            stored.append(image.convert("RGB"))
+    expected = image_processor(drawings, return_tensors="np")["pixel_values"]
+    np.testing.assert_array_equal(image_processor(stored, return_tensors="np")["pixel_values"], expected)
+
+
 def test_bad_generator_arguments_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="stage must be 1"):
         synthetic.generate_dataset(tmp_path, 3, stage=3)
     with pytest.raises(ValueError, match="num_samples"):
         synthetic.generate_dataset(tmp_path, 0, stage=1)
+    with pytest.raises(ValueError, match="save_size must be between 1 and image_size"):
+        synthetic.generate_dataset(tmp_path, 3, stage=1, image_size=48, save_size=96)
     with pytest.raises(ValueError, match="Unknown question kind"):
         synthetic.ask(synthetic.sample_scene(random.Random(0)), "size", random.Random(0))
 
