@@ -253,7 +253,6 @@ def train_demo_model(output_dir: str | os.PathLike, work_dir: str | os.PathLike,
     from transformers import set_seed
 
     from .processing import build_processor
-    from .training import synthetic
     from .training.data import LlavaDataset
     from .training.encoder import SlotLabelDataset, pretrain_encoder
     from .training.trainer import save_trained_model, train
@@ -263,41 +262,10 @@ def train_demo_model(output_dir: str | os.PathLike, work_dir: str | os.PathLike,
     started = time.perf_counter()
     work_dir = Path(work_dir)
     set_seed(recipe["seed"])
-    # Scenes are drawn at twice the encoder's input side and stored downscaled as the processor would (the same pixel
-    # values, but every training step reads and decodes a quarter of the pixels).
-    captions = synthetic.generate_dataset(
-        work_dir / "stage1",
-        recipe["stage1_samples"],
-        stage=1,
-        seed=recipe["seed"],
-        image_size=2 * recipe["image_size"],
-        save_size=recipe["image_size"],
-    )
-    questions = synthetic.generate_dataset(
-        work_dir / "stage2",
-        recipe["stage2_samples"],
-        stage=2,
-        seed=recipe["seed"],
-        image_size=2 * recipe["image_size"],
-        save_size=recipe["image_size"],
-        kinds=kind_cycle(recipe["stage2_kind_mix"]),
-        turns=recipe["stage2_turns"],
-    )
+    captions, questions, anneal_questions = generate_recipe_data(recipe, work_dir)
     caption_records = relocated(captions, work_dir)
     question_records = relocated(questions, work_dir)
-    anneal_records = []
-    if recipe["anneal_steps"]:
-        # The end of stage 2 draws from its own questions (another seed: other scenes than the main stage-2 data).
-        anneal_questions = synthetic.generate_dataset(
-            work_dir / "stage2-anneal",
-            recipe["anneal_samples"],
-            stage=2,
-            seed=recipe["seed"] + 1,
-            image_size=2 * recipe["image_size"],
-            save_size=recipe["image_size"],
-            kinds=kind_cycle(recipe["anneal_kind_mix"]),
-        )
-        anneal_records = relocated(anneal_questions, work_dir)
+    anneal_records = relocated(anneal_questions, work_dir) if anneal_questions else []
     records = caption_records + question_records + anneal_records
     # Stage 2 draws from the questions and the first `stage2_caption_samples` captions shuffled together.
     mixture = caption_records[: recipe["stage2_caption_samples"]] + question_records
@@ -361,6 +329,55 @@ def train_demo_model(output_dir: str | os.PathLike, work_dir: str | os.PathLike,
     model.config.demo_recipe = {**recipe, "variant": variant, "train_seconds": round(seconds)}
     save_trained_model(model.eval(), processor, output_dir, run_name=f"flashsloth-demo-{variant}")
     return model, processor, seconds
+
+
+def generate_recipe_data(recipe: dict, work_dir: Path) -> tuple[Path, Path, Path | None]:
+    """
+    The recipe's three datasets under `work_dir`: captions (`stage1/`), stage-2 questions (`stage2/`) and, with an end
+    phase, its own questions of other scenes (`stage2-anneal/`, seed + 1). Returns their JSON paths (`None` for the
+    end phase when there is none). Each dataset has its own random stream, so the files are the same whichever process
+    writes them: two worker processes write the three (where the platform can fork), the largest alone. Scenes are
+    drawn at twice the encoder's input side and stored downscaled as the processor would (the same pixel values, but
+    every training step reads and decodes a quarter of the pixels).
+    """
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_all_start_methods, get_context
+
+    from .training import synthetic
+
+    common = {"image_size": 2 * recipe["image_size"], "save_size": recipe["image_size"]}
+    jobs = {
+        "questions": (
+            work_dir / "stage2",
+            recipe["stage2_samples"],
+            {
+                "stage": 2,
+                "seed": recipe["seed"],
+                "kinds": kind_cycle(recipe["stage2_kind_mix"]),
+                "turns": recipe["stage2_turns"],
+                **common,
+            },
+        ),
+        "captions": (work_dir / "stage1", recipe["stage1_samples"], {"stage": 1, "seed": recipe["seed"], **common}),
+    }
+    if recipe["anneal_steps"]:
+        jobs["anneal"] = (
+            work_dir / "stage2-anneal",
+            recipe["anneal_samples"],
+            {"stage": 2, "seed": recipe["seed"] + 1, "kinds": kind_cycle(recipe["anneal_kind_mix"]), **common},
+        )
+    if "fork" in get_all_start_methods():
+        # Forked workers draw and write images only (PIL, zlib): nothing in them touches torch's thread pools, and
+        # unlike "spawn" a fork does not re-run the caller's script, which may not guard its `__main__`.
+        with ProcessPoolExecutor(max_workers=2, mp_context=get_context("fork")) as pool:
+            futures = {
+                name: pool.submit(synthetic.generate_dataset, folder, samples, **kwargs)
+                for name, (folder, samples, kwargs) in jobs.items()
+            }
+            paths = {name: future.result() for name, future in futures.items()}
+    else:
+        paths = {name: synthetic.generate_dataset(folder, n, **kwargs) for name, (folder, n, kwargs) in jobs.items()}
+    return paths["captions"], paths["questions"], paths.get("anneal")
 
 
 def relocated(json_path: Path, root: Path) -> list[dict]:

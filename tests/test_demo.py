@@ -22,6 +22,7 @@ from flashsloth.demo import (
     demo_recipe_defaults,
     evaluate,
     format_scores,
+    generate_recipe_data,
     kind_cycle,
     tokenizer_corpus,
     trained_variant,
@@ -235,6 +236,30 @@ def test_score_table_lists_every_kind():
     scores = {"per_kind": dict.fromkeys(synthetic.QUESTION_KINDS, 0.5), "overall": 0.5}
     table = format_scores({"m": scores})
     assert table.count("|") == 3 * (len(synthetic.QUESTION_KINDS) + 3) and "50.0%" in table
+
+
+def test_recipe_data_written_by_worker_processes_is_the_serial_data(tmp_path):
+    recipe = {**demo_recipe_defaults(), "image_size": 16, "stage1_samples": 5, "stage2_samples": 9, "anneal_samples": 4}
+    captions, questions, anneal = generate_recipe_data(recipe, tmp_path / "workers")
+    common = {"image_size": 32, "save_size": 16}
+    serial = [
+        synthetic.generate_dataset(tmp_path / "serial" / "stage1", 5, stage=1, seed=0, **common),
+        synthetic.generate_dataset(
+            tmp_path / "serial" / "stage2", 9, stage=2, seed=0, kinds=kind_cycle(recipe["stage2_kind_mix"]), **common
+        ),
+        synthetic.generate_dataset(
+            tmp_path / "serial" / "stage2-anneal", 4, stage=2, seed=1, kinds=kind_cycle(recipe["anneal_kind_mix"]),
+            **common,
+        ),
+    ]
+    for written, expected in zip((captions, questions, anneal), serial):
+        assert written.relative_to(tmp_path / "workers") == expected.relative_to(tmp_path / "serial")
+        comparison = filecmp.dircmp(written.parent, expected.parent)
+        assert not comparison.diff_files and not comparison.left_only and not comparison.right_only
+        assert filecmp.cmp(written, expected, shallow=False)
+        assert not filecmp.dircmp(written.parent / "images", expected.parent / "images").diff_files
+        assert len(list((written.parent / "images").iterdir())) == len(json.loads(written.read_text()))
+    assert generate_recipe_data({**recipe, "anneal_steps": 0}, tmp_path / "no-end-phase")[2] is None
 
 
 def test_tiny_recipe_trains_and_saves_a_loadable_model(tmp_path):
