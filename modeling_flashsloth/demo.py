@@ -371,12 +371,14 @@ def generate_recipe_data(recipe: dict, work_dir: Path) -> tuple[Path, Path, Path
         # unlike "spawn" a fork does not re-run the caller's script, which may not guard its `__main__`.
         with ProcessPoolExecutor(max_workers=2, mp_context=get_context("fork")) as pool:
             futures = {
-                name: pool.submit(synthetic.generate_dataset, folder, samples, **kwargs)
-                for name, (folder, samples, kwargs) in jobs.items()
+                name: pool.submit(synthetic.generate_dataset, folder, count, **kwargs)
+                for name, (folder, count, kwargs) in jobs.items()
             }
             paths = {name: future.result() for name, future in futures.items()}
     else:
-        paths = {name: synthetic.generate_dataset(folder, n, **kwargs) for name, (folder, n, kwargs) in jobs.items()}
+        paths = {
+            name: synthetic.generate_dataset(folder, count, **kwargs) for name, (folder, count, kwargs) in jobs.items()
+        }
     return paths["captions"], paths["questions"], paths.get("anneal")
 
 
