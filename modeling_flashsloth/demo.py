@@ -26,6 +26,8 @@ VARIANTS = {
 }
 # Seeds of the data streams; evaluation never sees a training scene.
 TRAIN_SEED, EVAL_SEED = 0, 1
+# The recipe's tokenizer, saved under the work folder for the training processes.
+TOKENIZER_FOLDER = "tokenizer"
 # The demo checkpoint's chat template is FlashSloth's with this shorter default system prompt: the original one is
 # about half of every training sequence, and CPU training time grows with the sequence length.
 DEMO_SYSTEM_PROMPT = "Answer questions about the shapes in the image."
@@ -59,6 +61,7 @@ def demo_recipe_defaults() -> dict:
         "anneal_steps": 4200,
         "anneal_learning_rate": 3e-4,
         "batch_size": 16,
+        "processes": 2,
         "train_vision_tower": False,
         "seed": TRAIN_SEED,
     }
@@ -89,7 +92,8 @@ RECIPE_HELP = {
     "anneal_kind_mix": "shares of the question kinds at the end of stage 2",
     "anneal_steps": "steps at the end of stage 2 on questions only, weighted to the kinds learnt last (0: none)",
     "anneal_learning_rate": "peak learning rate at the end of stage 2",
-    "batch_size": "batch size of stages 1 and 2",
+    "batch_size": "batch size of stages 1 and 2 (all processes together)",
+    "processes": "data-parallel training processes of one torch thread each (1: one process with torch's threads)",
     "train_vision_tower": "also train the encoder in stage 2",
     "seed": "seed of the training data and the initial weights",
 }
@@ -117,6 +121,10 @@ def check_recipe(recipe: dict) -> None:
         lowest = 0 if name in ("encoder_steps", "stage2_caption_samples", "anneal_steps") else 1
         if not value >= lowest:
             problems.append(f"{name} must be at least {lowest}, got {value!r}")
+    processes = recipe.get("processes", 1)
+    for name in ("batch_size", "encoder_batch_size"):
+        if isinstance(processes, int) and processes >= 1 and recipe.get(name, 0) % processes:
+            problems.append(f"{name} ({recipe[name]}) must be a multiple of processes ({processes})")
     if not recipe.get("stage2_turns", 1) <= len(synthetic.QUESTION_KINDS):
         problems.append(f"stage2_turns is at most {len(synthetic.QUESTION_KINDS)} (one question of each kind)")
     if problems:
@@ -197,6 +205,16 @@ def tokenizer_corpus(records: list[dict], chat_template: str) -> list[str]:
     return [text.replace("<image>", "").replace("<learnable>", "").replace("</s>", "") for text in rendered]
 
 
+def demo_processor(tokenizer, recipe: dict):
+    """The demo checkpoint's processor for a tokenizer from [`train_demo_tokenizer`] (or the folder it was saved to):
+    9 visual tokens per image, the demo chat template."""
+    from .processing import build_processor
+
+    return build_processor(
+        tokenizer, image_size=recipe["image_size"], num_image_tokens_per_crop=9, chat_template=demo_chat_template()
+    )
+
+
 def build_demo_model(processor, recipe: dict, variant: str = "full"):
     """A randomly initialised tiny FlashSloth for `processor`: SigLIP-shaped encoder, Phi-shaped decoder."""
     from . import FlashSlothConfig, FlashSlothForConditionalGeneration
@@ -248,36 +266,104 @@ def train_demo_model(output_dir: str | os.PathLike, work_dir: str | os.PathLike,
     paper: trained with the rest, its features grow without bound, since FlashSloth reads them without a final
     LayerNorm, and SAP's softmax saturates), the end of stage 2 (`anneal_steps` more at a lower learning rate, on
     questions only, most of them of the kinds that are learnt last: existence and position), and the HF-native folder
-    written to `output_dir`. Returns `(model, processor, seconds)`.
+    written to `output_dir`. The stages run data-parallel in `processes` worker processes of one thread each (see
+    [`train_demo_stages`]). Returns `(model, processor, seconds)`.
     """
-    from transformers import set_seed
-
-    from .processing import build_processor
-    from .training.data import LlavaDataset
-    from .training.encoder import SlotLabelDataset, pretrain_encoder
-    from .training.trainer import save_trained_model, train
+    from . import FlashSlothForConditionalGeneration
+    from .training.trainer import save_trained_model
 
     recipe = {**demo_recipe_defaults(), **overrides}
     check_recipe(recipe)
     started = time.perf_counter()
     work_dir = Path(work_dir)
-    set_seed(recipe["seed"])
-    captions, questions, anneal_questions = generate_recipe_data(recipe, work_dir)
-    caption_records = relocated(captions, work_dir)
-    question_records = relocated(questions, work_dir)
-    anneal_records = relocated(anneal_questions, work_dir) if anneal_questions else []
-    records = caption_records + question_records + anneal_records
-    # Stage 2 draws from the questions and the first `stage2_caption_samples` captions shuffled together.
-    mixture = caption_records[: recipe["stage2_caption_samples"]] + question_records
-    random.Random(recipe["seed"]).shuffle(mixture)
+    data_paths = generate_recipe_data(recipe, work_dir)
+    records = [record for path in data_paths if path is not None for record in relocated(path, work_dir)]
     chat_template = demo_chat_template()
     tokenizer = train_demo_tokenizer(tokenizer_corpus(records, chat_template), recipe["vocab_size"])
-    processor = build_processor(
-        tokenizer, image_size=recipe["image_size"], num_image_tokens_per_crop=9, chat_template=chat_template
+    tokenizer.save_pretrained(work_dir / TOKENIZER_FOLDER)
+    processor = demo_processor(tokenizer, recipe)
+    stage_arguments = (recipe, variant, str(work_dir), [str(path) if path else None for path in data_paths])
+    if recipe["processes"] == 1:
+        model_dir = train_demo_stages(*stage_arguments)
+    else:
+        import torch.multiprocessing
+
+        # Spawned, not forked: each worker starts its own torch thread pool and process group.
+        torch.multiprocessing.spawn(
+            _train_demo_stages_in_worker,
+            args=(recipe["processes"], free_local_port(), *stage_arguments),
+            nprocs=recipe["processes"],
+        )
+        model_dir = final_stage_dir(recipe, work_dir) / "model"
+    model = FlashSlothForConditionalGeneration.from_pretrained(model_dir)
+    seconds = time.perf_counter() - started
+    model.config.demo_recipe = {**recipe, "variant": variant, "train_seconds": round(seconds)}
+    save_trained_model(model.eval(), processor, output_dir, run_name=f"flashsloth-demo-{variant}")
+    return model, processor, seconds
+
+
+def final_stage_dir(recipe: dict, work_dir: Path) -> Path:
+    """The run folder of the recipe's last stage (its trained model is in `model/` there)."""
+    return work_dir / ("run-stage2-anneal" if recipe["anneal_steps"] else "run-stage2")
+
+
+def free_local_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on now (for the workers' rendezvous)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _train_demo_stages_in_worker(rank: int, world_size: int, port: int, *stage_arguments) -> None:
+    """One of the data-parallel workers of [`train_demo_model`]: the environment `torchrun` would give it, so that
+    the `Trainer` (through accelerate) joins the gloo process group, one torch thread, then the stages."""
+    import torch
+    import torch.distributed
+
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
     )
+    torch.set_num_threads(1)
+    try:
+        train_demo_stages(*stage_arguments)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def train_demo_stages(recipe: dict, variant: str, work_dir: str, data_paths: list[str | None]) -> Path:
+    """
+    Stages 0, 1 and 2 (with its end phase) of the demo recipe on the data and processor that [`train_demo_model`]
+    wrote into `work_dir`; returns the folder of the final model. Run in several processes (the environment of
+    `torchrun`), every stage trains data-parallel: each process takes `batch_size / processes` samples of each
+    batch, and with one thread per process the result is the same bit for bit from run to run (two threads in one
+    process sum in a varying order, and this recipe's plateaus amplify the difference).
+    """
+    from transformers import set_seed
+
+    from .training.data import LlavaDataset
+    from .training.encoder import SlotLabelDataset, pretrain_encoder
+    from .training.trainer import train
+
+    work_dir = Path(work_dir)
+    captions, questions, anneal_questions = (Path(path) if path else None for path in data_paths)
+    caption_records = relocated(captions, work_dir)
+    # Stage 2 draws from the questions and the first `stage2_caption_samples` captions shuffled together.
+    mixture = caption_records[: recipe["stage2_caption_samples"]] + relocated(questions, work_dir)
+    random.Random(recipe["seed"]).shuffle(mixture)
+    processor = demo_processor(str(work_dir / TOKENIZER_FOLDER), recipe)
+    set_seed(recipe["seed"])
     model = build_demo_model(processor, recipe, variant)
+    processes = recipe["processes"]
     common = dict(
-        per_device_train_batch_size=recipe["batch_size"],
+        per_device_train_batch_size=recipe["batch_size"] // processes,
         lr_scheduler_type="cosine",
         warmup_steps=0.03,
         weight_decay=0.0,
@@ -295,7 +381,11 @@ def train_demo_model(output_dir: str | os.PathLike, work_dir: str | os.PathLike,
             work_dir / "run-stage0",
             max_steps=recipe["encoder_steps"],
             learning_rate=recipe["encoder_learning_rate"],
-            **{**common, "per_device_train_batch_size": recipe["encoder_batch_size"], "weight_decay": 0.01},
+            **{
+                **common,
+                "per_device_train_batch_size": recipe["encoder_batch_size"] // processes,
+                "weight_decay": 0.01,
+            },
         )
     model = train(
         model,
@@ -310,6 +400,7 @@ def train_demo_model(output_dir: str | os.PathLike, work_dir: str | os.PathLike,
     # Stage 2, then its end phase: (run folder, records, steps, peak learning rate).
     stage2_phases = [("run-stage2", mixture, recipe["stage2_steps"], recipe["stage2_learning_rate"])]
     if recipe["anneal_steps"]:
+        anneal_records = relocated(anneal_questions, work_dir)
         stage2_phases.append(
             ("run-stage2-anneal", anneal_records, recipe["anneal_steps"], recipe["anneal_learning_rate"])
         )
@@ -325,10 +416,7 @@ def train_demo_model(output_dir: str | os.PathLike, work_dir: str | os.PathLike,
             learning_rate=learning_rate,
             **common,
         )
-    seconds = time.perf_counter() - started
-    model.config.demo_recipe = {**recipe, "variant": variant, "train_seconds": round(seconds)}
-    save_trained_model(model.eval(), processor, output_dir, run_name=f"flashsloth-demo-{variant}")
-    return model, processor, seconds
+    return final_stage_dir(recipe, work_dir) / "model"
 
 
 def generate_recipe_data(recipe: dict, work_dir: Path) -> tuple[Path, Path, Path | None]:

@@ -152,6 +152,21 @@ class FlashSlothProcessor(ProcessorMixin):
         tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         return [image_processor, tokenizer]
 
+    @classmethod
+    def _resolve_subprocessors(cls, pretrained_model_name_or_path, processor_dict, **kwargs):
+        """The same on transformers >= 5.25, which loads sub-processors here: through `AutoImageProcessor`, a saved
+        folder would ask for `trust_remote_code` even when this class is already imported."""
+        if kwargs.get("image_processor") is None:
+            image_processor_config = processor_dict.get("image_processor")
+            if isinstance(image_processor_config, dict):
+                kwargs["image_processor"] = FlashSlothImageProcessor.from_dict(image_processor_config)
+            else:
+                hub_kwargs = {key: value for key, value in kwargs.items() if key != "image_processor"}
+                kwargs["image_processor"] = FlashSlothImageProcessor.from_pretrained(
+                    pretrained_model_name_or_path, **hub_kwargs
+                )
+        return super()._resolve_subprocessors(pretrained_model_name_or_path, processor_dict, **kwargs)
+
     def apply_chat_template(self, conversation, chat_template=None, **kwargs):
         """[`ProcessorMixin.apply_chat_template`], with a clear error for an empty conversation (or batch)."""
         if not conversation or any(isinstance(item, (list, tuple)) and not item for item in conversation):

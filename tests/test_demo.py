@@ -207,6 +207,8 @@ def test_bad_recipes_are_refused_before_any_work(tmp_path):
     check_recipe(demo_recipe_defaults())
     with pytest.raises(ValueError, match="encoder_steps must be at least 0.*stage2_learning_rate must be a positive"):
         check_recipe({**demo_recipe_defaults(), "encoder_steps": -1, "stage2_learning_rate": float("nan")})
+    with pytest.raises(ValueError, match=r"batch_size \(10\) must be a multiple of processes \(4\)"):
+        check_recipe({**demo_recipe_defaults(), "batch_size": 10, "encoder_batch_size": 64, "processes": 4})
     with pytest.raises(ValueError, match=r"unknown recipe keys \['stage3_steps'\]"):
         check_recipe({**demo_recipe_defaults(), "stage3_steps": 1})
     result = run_flashsloth("demo-train", str(tmp_path / "model"), "--stage2-turns", "6")
@@ -260,18 +262,31 @@ def test_recipe_data_written_by_worker_processes_is_the_serial_data(tmp_path, mo
     assert generate_recipe_data({**recipe, "anneal_steps": 0}, tmp_path / "no-end-phase")[2] is None
 
 
+TINY_RECIPE_ARGUMENTS = (
+    "--encoder-steps", "2", "--encoder-batch-size", "4", "--stage1-samples", "16", "--stage1-steps", "2",
+    "--stage2-samples", "20", "--stage2-steps", "2", "--batch-size", "4", "--anneal-samples", "8",
+    "--anneal-steps", "2", "--text-layers", "2", "--vision-layers", "2", "--vocab-size", "300",
+)  # fmt: skip
+
+
 def test_tiny_recipe_trains_and_saves_a_loadable_model(tmp_path):
     result = run_flashsloth(
-        "demo-train", str(tmp_path / "model"), "--work-dir", str(tmp_path / "work"), "--encoder-steps", "2",
-        "--encoder-batch-size", "4", "--stage1-samples", "16",
-        "--stage1-steps", "2", "--stage2-samples", "20", "--stage2-steps", "2", "--batch-size", "4",
-        "--anneal-samples", "8", "--anneal-steps", "2",
-        "--text-layers", "2", "--vision-layers", "2", "--vocab-size", "300",
-    )  # fmt: skip
+        "demo-train", str(tmp_path / "model"), "--work-dir", str(tmp_path / "work"), *TINY_RECIPE_ARGUMENTS
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config["demo_recipe"]["stage2_steps"] == 2 and config["text_config"]["num_hidden_layers"] == 2
+    assert config["demo_recipe"]["processes"] == 2
     assert (tmp_path / "work" / "run-stage2-anneal" / "model" / "config.json").is_file()
+    # Two data-parallel processes of one thread each, in one DDP group: only its first process reported each of the 4
+    # stages (two processes training alone would both have), and a second run gives the same weights bit for bit.
+    assert (result.stdout + result.stderr).count("'train_runtime'") == 4, result.stdout[-2000:]
+    again = run_flashsloth(
+        "demo-train", str(tmp_path / "again"), "--work-dir", str(tmp_path / "work-again"), *TINY_RECIPE_ARGUMENTS
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    weights = [tmp_path / run / "model.safetensors" for run in ("model", "again")]
+    assert filecmp.cmp(*weights, shallow=False)
     again = run_flashsloth("demo-train", str(tmp_path / "model"))
     assert again.returncode == 2 and "--force" in again.stderr
     # The ablation reuses a variant trained beforehand only when its recipe is the ablation's.

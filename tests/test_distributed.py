@@ -41,8 +41,13 @@ def test_two_processes_end_with_identical_weights_and_a_lower_loss(tmp_path):
     assert process.returncode == 0, stdout[-2000:] + stderr[-4000:]
 
     ranks = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in range(2)]
+    assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
     assert ranks[0]["step"] == ranks[1]["step"] == 6
-    assert ranks[0]["hash"] == ranks[1]["hash"]  # DDP averaged the same gradients into both replicas
+    # Each rank was given its own half of every epoch (8 samples, 2 per rank and step: an epoch is 2 steps)...
+    first_epoch = [set(rank["samples"][:4]) for rank in ranks]
+    assert first_epoch[0].isdisjoint(first_epoch[1]) and first_epoch[0] | first_epoch[1] == set(range(8)), ranks
+    # ...and yet both end with the same weights: DDP averaged the gradients of both halves into both replicas.
+    assert ranks[0]["hash"] == ranks[1]["hash"]
     losses = ranks[0]["losses"]
     assert len(losses) == 6 and losses[-1] < losses[0], losses
     # Rank 0 alone wrote the final model.

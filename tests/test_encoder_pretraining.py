@@ -22,14 +22,17 @@ from processing_helpers import make_tiny_processor
 
 
 def test_slot_labels_name_each_slot_and_skip_empty_ones():
-    assert list(SLOT_ATTRIBUTES) == ["present", "shape", "color", "size", "position"]
+    assert list(SLOT_ATTRIBUTES) == ["present", "shape", "color", "size", "object", "position"]
     labels = slot_labels([{"shape": "triangle", "color": "orange", "size": "large", "position": "top"}])
     top = synthetic.POSITIONS.index("top")
-    assert labels[top].tolist() == [1, 2, list(synthetic.COLORS).index("orange"), 1, top]
+    orange = list(synthetic.COLORS).index("orange")
+    # "object" is the colour and shape pair: 6 colours x 3 shapes, colour-major.
+    assert len(SLOT_ATTRIBUTES["object"]) == 18 and SLOT_ATTRIBUTES["object"][3 * orange + 2] == "orange triangle"
+    assert labels[top].tolist() == [1, 2, orange, 1, 3 * orange + 2, top]
     empty = [slot for slot in range(len(synthetic.POSITIONS)) if slot != top]
-    assert (labels[empty, 0] == 0).all() and (labels[empty, 1:4] == IGNORE_INDEX).all()
+    assert (labels[empty, 0] == 0).all() and (labels[empty, 1:5] == IGNORE_INDEX).all()
     # Every slot, empty or not, is labelled with where it is.
-    assert labels[:, 4].tolist() == list(range(len(synthetic.POSITIONS)))
+    assert labels[:, 5].tolist() == list(range(len(synthetic.POSITIONS)))
     assert labels.shape == (len(synthetic.POSITIONS), len(SLOT_ATTRIBUTES))
 
 

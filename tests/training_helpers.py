@@ -1,8 +1,8 @@
 """Tiny LLaVA-format data, processor and model for the training tests; also a script for subprocess tests.
 
-- `python -m torch.distributed.run --nproc_per_node=2 tests/training_helpers.py distributed OUT`: every rank trains
-  the same tiny model on the same data and writes `OUT/rank-<r>.json` with the hash of its final parameters, the
-  losses it logged and its step count.
+- `python -m torch.distributed.run --nproc_per_node=2 tests/training_helpers.py distributed OUT`: the ranks train
+  the same tiny model data-parallel and each writes `OUT/rank-<r>.json` with the hash of its final parameters, the
+  losses it logged, its step count, the world size and the indices of the samples it was given.
 - `python tests/training_helpers.py kill-during-save OUT`: trains with a checkpoint every 2 steps and kills itself
   (SIGKILL) halfway through writing the `trainer_state.json` of `checkpoint-4`.
 """
@@ -115,18 +115,17 @@ TRAIN_ARGUMENTS = dict(
     per_device_train_batch_size=4,
     learning_rate=5e-3,
     logging_steps=1,
-    use_cpu=True,
     disable_tqdm=True,
     dataloader_num_workers=0,
     seed=0,
 )
 
-# Training arguments of the subprocess runs: tiny, fast, deterministic, one CPU thread per process.
+# Training arguments of the subprocess runs: tiny, fast, deterministic, one CPU thread per process (on the CPU: the
+# FlashSloth default `use_cpu` on a machine without accelerator is what makes torchrun's processes one DDP group).
 SUBPROCESS_ARGUMENTS = dict(
     per_device_train_batch_size=2,
     learning_rate=3e-3,
     logging_steps=1,
-    use_cpu=True,
     disable_tqdm=True,
     dataloader_num_workers=0,
     lr_scheduler_type="constant",
@@ -142,19 +141,30 @@ def _distributed_main(output_dir: Path):
     processor = tiny_processor()
     model = tiny_training_model(processor)
 
+    class RecordingDataset(LlavaDataset):
+        """Remembers which samples this process was given."""
+
+        seen = []
+
+        def __getitem__(self, index):
+            self.seen.append(index)
+            return super().__getitem__(index)
+
     class RecordRank(TrainerCallback):
         def on_train_end(self, args, state, control, model=None, **kwargs):
             result = {
                 "hash": parameter_hash(model),
                 "losses": logged_losses(state.log_history),
                 "step": state.global_step,
+                "world_size": args.world_size,
+                "samples": RecordingDataset.seen,
             }
             (output_dir / f"rank-{args.process_index}.json").write_text(json.dumps(result))
 
     train(
         model,
         processor,
-        LlavaDataset(llava_records(8)),
+        RecordingDataset(llava_records(8)),
         output_dir / "run",
         stage=2,
         callbacks=[RecordRank()],

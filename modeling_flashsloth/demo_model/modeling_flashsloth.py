@@ -1,5 +1,6 @@
 """PyTorch FlashSloth: SigLIP -> Spatial Attention Pooling -> MLP projector -> decoder LLM with embedded queries."""
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,6 +21,10 @@ from .configuration_flashsloth import FlashSlothConfig
 
 
 logger = logging.get_logger(__name__)
+
+# transformers 5.25 renamed the cache argument of its decoder layers, masking functions and `generate` from
+# `past_key_values` to `cache` (the old name warns until 5.40). FlashSloth takes either and passes on the installed one.
+CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 
 @dataclass
@@ -385,7 +390,7 @@ class FlashSlothPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["FlashSlothEmbeddedQuery", "FlashSlothSpatialAttentionPooling"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -514,6 +519,7 @@ class FlashSlothModel(FlashSlothPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> FlashSlothModelOutputWithPast:
         r"""
@@ -524,7 +530,10 @@ class FlashSlothModel(FlashSlothPreTrainedModel):
         instruction_mask (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             `k` on the instruction tokens read by the `k`-th query block of the sample, 0 elsewhere (the processor's
             output).
+        cache (`Cache`, *optional*):
+            `past_key_values` under the name transformers >= 5.25 gives it (its `generate` passes the cache so).
         """
+        past_key_values = cache if cache is not None else past_key_values
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds.")
         if kwargs.pop("output_attentions", False):
@@ -563,8 +572,8 @@ class FlashSlothModel(FlashSlothPreTrainedModel):
             config=self.config.text_config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             position_ids=position_ids,
+            **{CACHE_ARGUMENT: past_key_values},
         )
         hidden_states = inputs_embeds
         if hasattr(language_model, "embed_dropout"):
@@ -581,9 +590,9 @@ class FlashSlothModel(FlashSlothPreTrainedModel):
                 hidden_states,
                 attention_mask=causal_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
+                **{CACHE_ARGUMENT: past_key_values},
                 **kwargs,
             )
         hidden_states = self._final_norm(hidden_states)
@@ -701,11 +710,14 @@ class FlashSlothForConditionalGeneration(FlashSlothPreTrainedModel, GenerationMi
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> FlashSlothCausalLMOutputWithPast:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Target ids for next-token prediction (shifted inside); -100 marks positions without loss.
+        cache (`Cache`, *optional*):
+            `past_key_values` under the name transformers >= 5.25 gives it (its `generate` passes the cache so).
 
         Example:
 
@@ -726,7 +738,7 @@ class FlashSlothForConditionalGeneration(FlashSlothPreTrainedModel, GenerationMi
             instruction_mask=instruction_mask,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=cache if cache is not None else past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,

@@ -21,15 +21,17 @@ from . import synthetic
 
 
 # Attribute -> its classes; "present" is 0 for an empty slot, whose object attributes are not scored; every slot has
-# its "position".
+# its "position". "object" names colour and shape together ("red circle"): a feature for each pair, so that finding
+# an object by both (is there a red circle?) needs no binding of two separate features.
 SLOT_ATTRIBUTES = {
     "present": ("no", "yes"),
     "shape": synthetic.SHAPES,
     "color": tuple(synthetic.COLORS),
     "size": synthetic.SIZES,
+    "object": tuple(f"{color} {shape}" for color in synthetic.COLORS for shape in synthetic.SHAPES),
     "position": synthetic.POSITIONS,
 }
-OBJECT_ATTRIBUTES = ("shape", "color", "size")
+OBJECT_ATTRIBUTES = ("shape", "color", "size", "object")
 IGNORE_INDEX = -100
 
 
@@ -43,7 +45,8 @@ def slot_labels(objects: list[dict]) -> torch.LongTensor:
         slot = synthetic.POSITIONS.index(obj["position"])
         labels[slot, columns.index("present")] = 1
         for name in OBJECT_ATTRIBUTES:
-            labels[slot, columns.index(name)] = SLOT_ATTRIBUTES[name].index(obj[name])
+            value = f"{obj['color']} {obj['shape']}" if name == "object" else obj[name]
+            labels[slot, columns.index(name)] = SLOT_ATTRIBUTES[name].index(value)
     return labels
 
 
@@ -145,11 +148,14 @@ def pretrain_encoder(model, dataset: SlotLabelDataset, output_dir, **training_ar
     Train `model`'s vision tower in place on `dataset` with the `Trainer` (`training_args` are `TrainingArguments`)
     and return the classifier, whose heads can score the result with [`slot_accuracy`].
     """
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
+
+    from .trainer import build_training_arguments
 
     config = model.config
     classifier = SlotClassifier(model.model.vision_tower, config.patch_grid_size, config.pooling_window)
     classifier.train()
-    args = TrainingArguments(output_dir=str(output_dir), report_to=[], remove_unused_columns=False, **training_args)
+    # Every head and encoder layer gets a gradient at every step.
+    args = build_training_arguments(output_dir, ddp_find_unused_parameters=False, **training_args)
     Trainer(model=classifier, args=args, train_dataset=dataset).train()
     return classifier

@@ -169,16 +169,25 @@ def check_group_learning_rates(group_learning_rates: dict[str, float] | None) ->
     return group_learning_rates
 
 
+def accelerator_available() -> bool:
+    """Whether torch sees a GPU or another accelerator (`torch.accelerator` exists from torch 2.6 on)."""
+    accelerator = getattr(torch, "accelerator", None)
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
 def build_training_arguments(output_dir: str | os.PathLike, **training_arguments) -> TrainingArguments:
     """`TrainingArguments` with the defaults FlashSloth needs (overridable): keep the collator's columns, no
     experiment trackers, labels named `labels`, DDP tolerant of text-only batches (which leave SAP, the projector,
-    EmbQ and the query tokens without gradients on some ranks), pinned memory only with a GPU."""
+    EmbQ and the query tokens without gradients on some ranks), pinned memory only with a GPU, and `use_cpu` on a
+    machine without an accelerator: only then does accelerate join the processes of `torchrun` into one gloo DDP
+    group there (otherwise every process trains alone on all the data)."""
     values = dict(
         remove_unused_columns=False,
         report_to="none",
         label_names=["labels"],
         ddp_find_unused_parameters=True,
         dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=not accelerator_available(),
     )
     values.update(training_arguments)
     if values.get("train_sampling_strategy") == "batch_rebalance":
