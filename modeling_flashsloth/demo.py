@@ -56,9 +56,9 @@ def demo_recipe_defaults() -> dict:
         "stage2_caption_samples": 12000,
         "stage2_steps": 5500,
         "stage2_learning_rate": 1e-3,
-        "anneal_samples": 24000,
+        "anneal_samples": 32000,
         "anneal_kind_mix": "color:3,shape:1,count:1,exist:2,position:4",
-        "anneal_steps": 4200,
+        "anneal_steps": 6000,
         "anneal_learning_rate": 3e-4,
         "batch_size": 16,
         "processes": 2,
@@ -278,8 +278,7 @@ def train_demo_model(output_dir: str | os.PathLike, work_dir: str | os.PathLike,
     work_dir = Path(work_dir)
     data_paths = generate_recipe_data(recipe, work_dir)
     records = [record for path in data_paths if path is not None for record in relocated(path, work_dir)]
-    chat_template = demo_chat_template()
-    tokenizer = train_demo_tokenizer(tokenizer_corpus(records, chat_template), recipe["vocab_size"])
+    tokenizer = train_demo_tokenizer(tokenizer_corpus(records, demo_chat_template()), recipe["vocab_size"])
     tokenizer.save_pretrained(work_dir / TOKENIZER_FOLDER)
     processor = demo_processor(tokenizer, recipe)
     stage_arguments = (recipe, variant, str(work_dir), [str(path) if path else None for path in data_paths])
@@ -340,7 +339,7 @@ def _train_demo_stages_in_worker(rank: int, world_size: int, port: int, *stage_a
 
 def train_demo_stages(recipe: dict, variant: str, work_dir: str, data_paths: list[str | None]) -> Path:
     """
-    Stages 0, 1 and 2 (with its end phase) of the demo recipe on the data and processor that [`train_demo_model`]
+    Stages 0, 1 and 2 (with its end phase) of the demo recipe on the data and tokenizer that [`train_demo_model`]
     wrote into `work_dir`; returns the folder of the final model. Run in several processes (the environment of
     `torchrun`), every stage trains data-parallel: each process takes `batch_size / processes` samples of each
     batch, and with one thread per process the result is the same bit for bit from run to run (two threads in one
