@@ -281,11 +281,11 @@ def test_tiny_recipe_trains_and_saves_a_loadable_model(tmp_path):
     # Two data-parallel processes of one thread each, in one DDP group: only its first process reported each of the 4
     # stages (two processes training alone would both have), and a second run gives the same weights bit for bit.
     assert (result.stdout + result.stderr).count("'train_runtime'") == 4, result.stdout[-2000:]
-    again = run_flashsloth(
-        "demo-train", str(tmp_path / "again"), "--work-dir", str(tmp_path / "work-again"), *TINY_RECIPE_ARGUMENTS
+    second = run_flashsloth(
+        "demo-train", str(tmp_path / "second"), "--work-dir", str(tmp_path / "work-second"), *TINY_RECIPE_ARGUMENTS
     )
-    assert again.returncode == 0, again.stderr[-2000:]
-    weights = [tmp_path / run / "model.safetensors" for run in ("model", "again")]
+    assert second.returncode == 0, second.stderr[-2000:]
+    weights = [tmp_path / run / "model.safetensors" for run in ("model", "second")]
     assert filecmp.cmp(*weights, shallow=False)
     again = run_flashsloth("demo-train", str(tmp_path / "model"))
     assert again.returncode == 2 and "--force" in again.stderr
