@@ -548,10 +548,14 @@ class FlashSlothModel(FlashSlothPreTrainedModel):
         language_model = self.language_model
 
         if inputs_embeds is None:
-            if input_ids.shape[1] > 1 or past_key_values is None:  # not on decoding steps: their ids are generated
+            # A decoding step feeds one generated token, never a placeholder: it skips the id check (a host
+            # synchronisation) and the query insertion.
+            is_decoding_step = input_ids.shape[1] == 1 and past_key_values is not None
+            if not is_decoding_step:
                 self._check_token_ids(input_ids)
             inputs_embeds = self.get_input_embeddings()(input_ids)
-            inputs_embeds = self.insert_query_embeddings(input_ids, inputs_embeds)
+            if not is_decoding_step:
+                inputs_embeds = self.insert_query_embeddings(input_ids, inputs_embeds)
 
         image_features = query_layout = None
         if has_images:

@@ -1,6 +1,7 @@
 """The speed benchmark at size `tiny`: it runs end to end, writes well-formed JSON, markdown and PNG, and what it counts
 (visual tokens, prefill FLOPs, KV-cache bytes) agrees with hand counts from the configs. No timing assertions."""
 
+import copy
 import json
 
 import pytest
@@ -14,6 +15,7 @@ from flashsloth.benchmark import (
     benchmark_configs,
     build_inputs,
     build_models,
+    evaluate_goals,
     format_markdown,
     main,
 )
@@ -27,7 +29,8 @@ SHORT, LONG = 3, 5
 def bench_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bench")
     paths = {kind: folder / f"speed.{kind}" for kind in ("json", "md", "png")}
-    argv = ["--size", "tiny", "--repeats", "1", "--batch-sizes", "1", "2", "--threads", "1"]
+    # On the CPU wherever it runs: the hand counts below assume float32 and the CPU attention kernel.
+    argv = ["--size", "tiny", "--device", "cpu", "--repeats", "1", "--batch-sizes", "1", "2", "--threads", "1"]
     argv += ["--short-new-tokens", str(SHORT), "--long-new-tokens", str(LONG)]
     argv += ["--json", str(paths["json"]), "--markdown", str(paths["md"]), "--plot", str(paths["png"])]
     assert main(argv) == 0
@@ -182,11 +185,27 @@ def test_peer_is_native_llava_on_flashsloths_own_modules():
     torch.testing.assert_close(torch.stack(peer_features), expected)
 
 
-def test_decoding_steps_skip_the_vision_tower_and_embq():
+def test_the_batching_goal_needs_a_batch_above_one(bench_run):
+    report = copy.deepcopy(bench_run[0])
+    for results in report["variants"].values():
+        results["advantage"]["throughput_tokens_per_s"].pop("2", None)
+    names = [goal["name"] for goal in evaluate_goals(report)]
+    assert "base: TTFT ratio / counted-FLOP ratio" in names
+    assert not any("throughput" in name for name in names)
+
+
+def test_decoding_steps_skip_the_vision_tower_and_embq(monkeypatch):
     flashsloth, _ = build_models("tiny", torch.float32, "cpu")
     inputs = build_inputs(flashsloth.config, "flashsloth", 1, 2, LAYOUT)
     calls = []
     model = flashsloth.model
+    insert_query_embeddings = model.insert_query_embeddings
+
+    def counted_query_insertion(*args):
+        calls.append("query insertion")
+        return insert_query_embeddings(*args)
+
+    monkeypatch.setattr(model, "insert_query_embeddings", counted_query_insertion)
     handles = [
         module.register_forward_hook(lambda module, args, output, name=name: calls.append(name))
         for name, module in (("vision", model.vision_tower), ("embq", model.embedded_query), ("layer", model.language_model.layers[0]))
@@ -197,6 +216,7 @@ def test_decoding_steps_skip_the_vision_tower_and_embq():
         handle.remove()
     assert output_ids.shape[1] == inputs["input_ids"].shape[1] + 4
     assert calls.count("vision") == 1 and calls.count("embq") == 1 and calls.count("layer") == 4
+    assert calls.count("query insertion") == 1  # decoding steps feed generated tokens, never placeholders
 
 
 def test_cli_registers_bench_and_rejects_bad_settings(capsys):
