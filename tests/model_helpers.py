@@ -14,6 +14,16 @@ IMAGE_SIZE = 84  # 6x6 patches of 14 px -> 4 pooled tokens per crop with 3x3 win
 TOKENS_PER_CROP = 4
 NUM_QUERY_TOKENS = 9
 
+# `make_sample` turns covering one image, HD crops, two images, multi-turn (two blocks) and a text-only sample: batched,
+# they reach every padding and query-block case.
+MIXED_SAMPLES = [
+    [(1, 1, 5, True)],
+    [(1, 5, 3, True)],
+    [(2, 1, 4, True)],
+    [(1, 1, 6, True), (0, 1, 3, True)],
+    [(0, 1, 7, False)],
+]
+
 
 def tiny_config(**overrides) -> FlashSlothConfig:
     vision_config = {

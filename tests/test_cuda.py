@@ -9,19 +9,11 @@ import torch
 from transformers import CompileConfig
 from transformers.utils import is_flash_attn_2_available
 
-from model_helpers import collate, make_sample, tiny_model
+from model_helpers import MIXED_SAMPLES as SAMPLES, collate, make_sample, tiny_model
 
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-# One image, HD crops, two images, multi-turn, text only: left padding reaches every backend's mask.
-SAMPLES = [
-    [(1, 1, 5, True)],
-    [(1, 5, 3, True)],
-    [(2, 1, 4, True)],
-    [(1, 1, 6, True), (0, 1, 3, True)],
-    [(0, 1, 7, False)],
-]
 NEW_TOKENS = 8
 
 

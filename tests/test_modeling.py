@@ -11,17 +11,15 @@ import torch
 
 from flashsloth import FlashSlothConfig, FlashSlothForConditionalGeneration, FlashSlothModel
 from flashsloth.modeling_flashsloth import attention_pool, build_query_block_layout, window_partition
-from model_helpers import IMAGE_TOKEN_ID, QUERY_TOKEN_ID, collate, make_sample, tiny_config, tiny_model
-
-
-# Samples covering: one image, HD crops, two images, multi-turn (two blocks), a text-only sample.
-SAMPLES = [
-    [(1, 1, 5, True)],
-    [(1, 5, 3, True)],
-    [(2, 1, 4, True)],
-    [(1, 1, 6, True), (0, 1, 3, True)],
-    [(0, 1, 7, False)],
-]
+from model_helpers import (
+    IMAGE_TOKEN_ID,
+    MIXED_SAMPLES as SAMPLES,
+    QUERY_TOKEN_ID,
+    collate,
+    make_sample,
+    tiny_config,
+    tiny_model,
+)
 
 
 @pytest.fixture(scope="module")
