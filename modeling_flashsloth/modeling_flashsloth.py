@@ -23,7 +23,8 @@ from .configuration_flashsloth import FlashSlothConfig
 logger = logging.get_logger(__name__)
 
 # transformers 5.25 renamed the cache argument of its decoder layers, masking functions and `generate` from
-# `past_key_values` to `cache` (the old name warns until 5.40). FlashSloth takes either and passes on the installed one.
+# `past_key_values` to `cache` (the old name warns until 5.40), and so the cache field of model outputs, which `generate`
+# reads back. FlashSloth takes either argument, and passes on and returns the cache under the installed name.
 CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 
@@ -46,14 +47,17 @@ class FlashSlothImageFeatures(ModelOutput):
 @dataclass
 class FlashSlothModelOutputWithPast(ModelOutput):
     r"""
-    past_key_values (`Cache`, *optional*):
-        The language model's key/value cache.
+    cache (`Cache`, *optional*):
+        The language model's key/value cache, named `past_key_values` before transformers 5.25.
     image_hidden_states (`torch.FloatTensor` of shape `(num_crops, num_windows, hidden_size)`, *optional*):
         The projected image tokens of this forward pass.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
+    if CACHE_ARGUMENT == "cache":
+        cache: Cache | None = None
+    else:
+        past_key_values: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
@@ -66,15 +70,18 @@ class FlashSlothCausalLMOutputWithPast(ModelOutput):
         Next-token prediction loss over the labelled positions.
     logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
         Prediction scores of the language modeling head.
-    past_key_values (`Cache`, *optional*):
-        The language model's key/value cache.
+    cache (`Cache`, *optional*):
+        The language model's key/value cache, named `past_key_values` before transformers 5.25.
     image_hidden_states (`torch.FloatTensor`, *optional*):
         The projected image tokens of this forward pass.
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
+    if CACHE_ARGUMENT == "cache":
+        cache: Cache | None = None
+    else:
+        past_key_values: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
@@ -446,7 +453,8 @@ class FlashSlothModel(FlashSlothPreTrainedModel):
                 f"pixel_values must be a floating point tensor of shape (num_crops, {channels}, {size}, {size}); got "
                 f"{tuple(pixel_values.shape)} of {pixel_values.dtype}. Prepare images with the FlashSloth processor."
             )
-        if not bool(torch.isfinite(pixel_values).all()):  # once per prefill: decoding steps carry no pixels
+        # Once per prefill (decoding steps carry no pixels); a compiled prefill skips this host synchronisation.
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(pixel_values).all()):
             raise ValueError(
                 "pixel_values holds NaN or infinite values. Prepare images with the FlashSloth processor, which maps "
                 "pixels to [-1, 1]; check any custom preprocessing for divisions by zero."
@@ -474,16 +482,29 @@ class FlashSlothModel(FlashSlothPreTrainedModel):
         self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor, image_embeds: torch.Tensor
     ) -> torch.Tensor:
         image_token_mask = input_ids == self.config.image_token_id
-        num_image_tokens = int(image_token_mask.sum())
         num_image_features = image_embeds.shape[0] * image_embeds.shape[1]
-        if num_image_tokens != num_image_features:
+        # A host synchronisation: a compiled prefill skips it.
+        if not torch.compiler.is_compiling() and int(image_token_mask.sum()) != num_image_features:
             raise ValueError(
-                f"The prompt holds {num_image_tokens} image tokens (id {self.config.image_token_id}) but the images give "
+                f"The prompt holds {int(image_token_mask.sum())} image tokens (id {self.config.image_token_id}) but the images give "
                 f"{num_image_features} ({image_embeds.shape[0]} crops x {image_embeds.shape[1]}). Each image needs one "
                 "placeholder in the text; the FlashSloth processor expands it to the right number of tokens."
             )
         image_embeds = image_embeds.reshape(-1, inputs_embeds.shape[-1]).to(inputs_embeds.device, inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(image_token_mask[..., None], image_embeds)
+
+    def build_query_layout(
+        self,
+        input_ids: torch.LongTensor,
+        instruction_mask: torch.LongTensor | None,
+        image_num_crops: torch.LongTensor | None,
+        total_crops: int,
+    ) -> QueryBlockLayout | None:
+        """The EmbQ layout of a batch (see `build_query_block_layout`); `None` without EmbQ or query blocks."""
+        if self.embedded_query is None:
+            return None
+        image_num_crops = self._resolve_image_num_crops(image_num_crops, total_crops, input_ids.device)
+        return build_query_block_layout(input_ids, instruction_mask, image_num_crops, self.config)
 
     def apply_embedded_query(
         self, hidden_states: torch.Tensor, layout: QueryBlockLayout, vision_features: torch.Tensor
@@ -520,6 +541,7 @@ class FlashSlothModel(FlashSlothPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         cache: Cache | None = None,
+        query_layout: QueryBlockLayout | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> FlashSlothModelOutputWithPast:
         r"""
@@ -532,6 +554,9 @@ class FlashSlothModel(FlashSlothPreTrainedModel):
             output).
         cache (`Cache`, *optional*):
             `past_key_values` under the name transformers >= 5.25 gives it (its `generate` passes the cache so).
+        query_layout (`QueryBlockLayout`, *optional*):
+            The EmbQ layout of `input_ids` (`build_query_layout`), built here when not given. `generate` builds it
+            ahead of the prefill, so that a compiled prefill holds none of its data-dependent shapes.
         """
         past_key_values = cache if cache is not None else past_key_values
         if (input_ids is None) ^ (inputs_embeds is not None):
@@ -549,21 +574,22 @@ class FlashSlothModel(FlashSlothPreTrainedModel):
 
         if inputs_embeds is None:
             # A decoding step feeds one generated token, never a placeholder: it skips the id check (a host
-            # synchronisation) and the query insertion.
+            # synchronisation, which a compiled prefill skips too) and the query insertion.
             is_decoding_step = input_ids.shape[1] == 1 and past_key_values is not None
-            if not is_decoding_step:
+            if not is_decoding_step and not torch.compiler.is_compiling():
                 self._check_token_ids(input_ids)
             inputs_embeds = self.get_input_embeddings()(input_ids)
             if not is_decoding_step:
                 inputs_embeds = self.insert_query_embeddings(input_ids, inputs_embeds)
 
-        image_features = query_layout = None
+        image_features = None
         if has_images:
+            if query_layout is None:
+                query_layout = self.build_query_layout(input_ids, instruction_mask, image_num_crops, pixel_values.shape[0])
             image_features = self.get_image_features(pixel_values)
             inputs_embeds = self.insert_image_embeddings(input_ids, inputs_embeds, image_features.image_embeds)
-            image_num_crops = self._resolve_image_num_crops(image_num_crops, pixel_values.shape[0], input_ids.device)
-            if self.embedded_query is not None:
-                query_layout = build_query_block_layout(input_ids, instruction_mask, image_num_crops, self.config)
+        else:
+            query_layout = None
 
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config.text_config)
@@ -605,8 +631,8 @@ class FlashSlothModel(FlashSlothPreTrainedModel):
 
         return FlashSlothModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
             hidden_states=all_hidden_states,
+            **{CACHE_ARGUMENT: past_key_values if use_cache else None},
             image_hidden_states=image_features.image_embeds if image_features is not None else None,
         )
 
@@ -700,6 +726,21 @@ class FlashSlothForConditionalGeneration(FlashSlothPreTrainedModel, GenerationMi
         model_kwargs["image_num_crops"] = torch.cat([images for images in sample_images for _ in range(expand_size)])
         return input_ids, model_kwargs
 
+    def prepare_inputs_for_generation(self, *args, **kwargs) -> dict:
+        """
+        transformers' inputs of a generation step, plus the EmbQ layout of a step that carries images (the prefill).
+        Built here, eagerly, the layout's host synchronisations happen before the device gets any work, and a
+        compiled prefill (`compile_config` with `prefill_chunk_size` at least the prompt length) traces no
+        data-dependent shape.
+        """
+        model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        input_ids, pixel_values = model_inputs.get("input_ids"), model_inputs.get("pixel_values")
+        if input_ids is not None and pixel_values is not None and pixel_values.shape[0] > 0:
+            model_inputs["query_layout"] = self.model.build_query_layout(
+                input_ids, model_inputs.get("instruction_mask"), model_inputs.get("image_num_crops"), pixel_values.shape[0]
+            )
+        return model_inputs
+
     @can_return_tuple
     def forward(
         self,
@@ -715,6 +756,7 @@ class FlashSlothForConditionalGeneration(FlashSlothPreTrainedModel, GenerationMi
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         cache: Cache | None = None,
+        query_layout: QueryBlockLayout | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> FlashSlothCausalLMOutputWithPast:
         r"""
@@ -722,6 +764,8 @@ class FlashSlothForConditionalGeneration(FlashSlothPreTrainedModel, GenerationMi
             Target ids for next-token prediction (shifted inside); -100 marks positions without loss.
         cache (`Cache`, *optional*):
             `past_key_values` under the name transformers >= 5.25 gives it (its `generate` passes the cache so).
+        query_layout (`QueryBlockLayout`, *optional*):
+            The EmbQ layout of `input_ids`, built by the model when not given (see `FlashSlothModel.forward`).
 
         Example:
 
@@ -745,6 +789,7 @@ class FlashSlothForConditionalGeneration(FlashSlothPreTrainedModel, GenerationMi
             past_key_values=cache if cache is not None else past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            query_layout=query_layout,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -760,9 +805,9 @@ class FlashSlothForConditionalGeneration(FlashSlothPreTrainedModel, GenerationMi
         return FlashSlothCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             image_hidden_states=outputs.image_hidden_states,
+            **{CACHE_ARGUMENT: getattr(outputs, CACHE_ARGUMENT)},
         )
 
 

@@ -11,12 +11,14 @@ from flashsloth import cli
 from flashsloth.benchmark import (
     MODEL_NAMES,
     VARIANT_CROPS,
+    BenchmarkSettings,
     PromptLayout,
     benchmark_configs,
     build_inputs,
     build_models,
     evaluate_goals,
     format_markdown,
+    generation_kwargs,
     main,
 )
 
@@ -217,6 +219,29 @@ def test_decoding_steps_skip_the_vision_tower_and_embq(monkeypatch):
     assert output_ids.shape[1] == inputs["input_ids"].shape[1] + 4
     assert calls.count("vision") == 1 and calls.count("embq") == 1 and calls.count("layer") == 4
     assert calls.count("query insertion") == 1  # decoding steps feed generated tokens, never placeholders
+
+
+def test_compiled_run_covers_every_prompt_with_one_prefill_chunk(tmp_path, bench_run):
+    """`--compile`: the prefill chunk is at least the longest prompt (the peer's HD one), so `generate` runs each
+    prefill whole through the compiled forward (tests/test_modeling.py checks that path). A compiled run on the CPU
+    (inductor) completes and counts what the eager run counts."""
+    settings = BenchmarkSettings(size="tiny", device="cpu", compile=True)
+    config = benchmark_configs("tiny")[0]
+    kwargs = generation_kwargs(config, settings, "cpu")
+    assert kwargs["cache_implementation"] == "static" and kwargs["compile_config"]._compile_all_devices
+    peer_hd_prompt = build_inputs(config, "peer", VARIANT_CROPS["hd"], 1, LAYOUT)["input_ids"].shape[1]
+    assert kwargs["prefill_chunk_size"] >= peer_hd_prompt
+
+    path = tmp_path / "compiled.json"
+    argv = ["--size", "tiny", "--device", "cpu", "--compile", "--variants", "base", "--batch-sizes", "1"]
+    argv += ["--repeats", "1", "--long-repeats", "0", "--short-new-tokens", str(SHORT), "--json", str(path)]
+    assert main(argv) == 0
+    compiled, eager = json.loads(path.read_text()), bench_run[0]
+    assert compiled["compile"] and not eager["compile"]
+    for name in MODEL_NAMES:
+        result, reference = compiled["variants"]["base"][name], eager["variants"]["base"][name]
+        assert result["prefill_flops"] == reference["prefill_flops"]
+        assert result["ttft_s"] > 0
 
 
 def test_cli_registers_bench_and_rejects_bad_settings(capsys):

@@ -83,16 +83,19 @@ def test_cuda_generation_equals_the_cpu(batch):
     assert greedy(cuda_model, to_device(batch, "cuda")).tolist() == greedy(cpu_model, batch).tolist()
 
 
-def test_static_cache_with_cuda_graphs_equals_the_dynamic_cache(batch):
-    """The `flashsloth bench --compile` path on a GPU: static cache, decoding step compiled in reduce-overhead mode
-    (CUDA graphs replay the step, so any host synchronisation or shape change inside it would break or fall back)."""
+@pytest.mark.parametrize("compiled_prefill", [False, True], ids=["decoding", "prefill-and-decoding"])
+def test_static_cache_with_cuda_graphs_equals_the_dynamic_cache(batch, compiled_prefill):
+    """The `flashsloth bench --compile` path on a GPU: static cache, the decoding step (and with a prefill chunk as long
+    as the prompt, the prefill) compiled in reduce-overhead mode. CUDA graphs replay them, so any host synchronisation
+    or shape change inside would break or fall back."""
     torch._dynamo.reset()
     model = tiny_model().to("cuda")
     cuda_batch = to_device(batch, "cuda")
     dynamic = greedy(model, cuda_batch)
     compile_config = CompileConfig(fullgraph=True, mode="reduce-overhead", dynamic=False)
+    prefill = {"prefill_chunk_size": cuda_batch["input_ids"].shape[1]} if compiled_prefill else {}
     for _ in range(2):  # the second call replays the recorded graphs
-        static = greedy(model, cuda_batch, cache_implementation="static", compile_config=compile_config)
+        static = greedy(model, cuda_batch, cache_implementation="static", compile_config=compile_config, **prefill)
         assert static.tolist() == dynamic.tolist()
     assert hasattr(model, "_compiled_call"), "generate did not compile the decoding step"
 

@@ -1,5 +1,6 @@
 """FlashSloth core model: the pure SAP/EmbQ helpers, batching, caching, backends, saving and loading."""
 
+import copy
 import json
 import os
 import subprocess
@@ -8,10 +9,17 @@ import textwrap
 
 import pytest
 import torch
+from transformers import CompileConfig
 
 from flashsloth import FlashSlothConfig, FlashSlothForConditionalGeneration, FlashSlothModel
-from flashsloth.modeling_flashsloth import attention_pool, build_query_block_layout, window_partition
+from flashsloth.modeling_flashsloth import (
+    CACHE_ARGUMENT,
+    attention_pool,
+    build_query_block_layout,
+    window_partition,
+)
 from model_helpers import (
+    IMAGE_SIZE,
     IMAGE_TOKEN_ID,
     MIXED_SAMPLES as SAMPLES,
     QUERY_TOKEN_ID,
@@ -142,6 +150,80 @@ def test_cached_generation_equals_other_cache_modes(model, cache):
         reference = model.generate(**batch, max_new_tokens=8, do_sample=False)
         other = model.generate(**batch, max_new_tokens=8, do_sample=False, **options)
     assert other.tolist() == reference.tolist()
+
+
+def graph_recorder():
+    """A torch.compile backend that runs each graph as traced, and the list it fills with the number of crops in each
+    graph's pixel input (0: none). A function, not an object: `generate` deep-copies its compile config."""
+    pixel_batches = []
+
+    def backend(graph_module, example_inputs):
+        pixels = [
+            tensor.shape[0]
+            for tensor in example_inputs
+            if isinstance(tensor, torch.Tensor) and tensor.shape[1:] == (3, IMAGE_SIZE, IMAGE_SIZE)
+        ]
+        pixel_batches.append(pixels[0] if pixels else 0)
+        return graph_module.forward
+
+    return backend, pixel_batches
+
+
+def test_compiled_prefill_and_decoding_equal_eager_generation(model):
+    """`prefill_chunk_size` >= the prompt puts the prefill through the compiled forward too: in one graph (fullgraph),
+    images, HD crops, several blocks and text-only samples in one batch, and the same tokens as eager generation."""
+    torch._dynamo.reset()
+    batch = collate([make_sample(turns, seed=index) for index, turns in enumerate(SAMPLES)])
+    backend, pixel_batches = graph_recorder()
+    compile_config = CompileConfig(fullgraph=True, backend=backend, dynamic=False, mode=None)
+    compile_config._compile_all_devices = True  # generate only auto-compiles on accelerators otherwise
+    compiled = copy.deepcopy(model)
+    with torch.no_grad():
+        reference = model.generate(**batch, max_new_tokens=6, do_sample=False)
+        for _ in range(2):  # the second call reuses both graphs
+            output = compiled.generate(
+                **batch,
+                max_new_tokens=6,
+                do_sample=False,
+                cache_implementation="static",
+                compile_config=compile_config,
+                prefill_chunk_size=batch["input_ids"].shape[1],
+            )
+            assert output.tolist() == reference.tolist()
+    assert pixel_batches == [batch["pixel_values"].shape[0], 0]  # the prefill with every crop, then a step
+
+
+def test_prebuilt_query_layout_equals_the_one_built_in_forward(model):
+    batch = collate([make_sample(turns, seed=index) for index, turns in enumerate(SAMPLES)])
+    layout = model.model.build_query_layout(
+        batch["input_ids"], batch["instruction_mask"], batch["image_num_crops"], batch["pixel_values"].shape[0]
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch, query_layout=layout).logits, model(**batch).logits, atol=0, rtol=0)
+    prefill = model.prepare_inputs_for_generation(**batch, is_first_iteration=True)
+    assert torch.equal(prefill["query_layout"].query_positions, layout.query_positions)
+    assert torch.equal(prefill["query_layout"].image_rows, layout.image_rows)
+    text_only = collate([make_sample(SAMPLES[-1])])
+    assert "query_layout" not in model.prepare_inputs_for_generation(**text_only, is_first_iteration=True)
+
+
+@pytest.mark.parametrize("speculation", ["prompt_lookup", "assistant_model"])
+def test_speculative_decoding_equals_greedy(model, speculation):
+    """Both read the cache back from the outputs (transformers 5.25 names it `cache`) and crop it after a rejection."""
+    batch = collate([make_sample(SAMPLES[0])])
+    options = {"prompt_lookup_num_tokens": 3} if speculation == "prompt_lookup" else {"assistant_model": tiny_model(1)}
+    with torch.no_grad():
+        reference = model.generate(**batch, max_new_tokens=8, do_sample=False)
+        speculative = model.generate(**batch, max_new_tokens=8, do_sample=False, **options)
+    assert speculative.tolist() == reference.tolist()
+
+
+def test_outputs_carry_the_cache_under_the_name_generate_reads(model):
+    batch = collate([make_sample(SAMPLES[0])])
+    with torch.no_grad():
+        outputs = model(**batch, use_cache=True)
+    cache = outputs[CACHE_ARGUMENT]
+    assert cache is not None and cache.get_seq_length() == batch["input_ids"].shape[1]
 
 
 def test_eager_equals_sdpa():
