@@ -481,15 +481,8 @@ class FlashSlothModel(FlashSlothPreTrainedModel):
     def insert_image_embeddings(
         self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor, image_embeds: torch.Tensor
     ) -> torch.Tensor:
+        """Write the image tokens, in order, over the image placeholders (`build_query_layout` checked their count)."""
         image_token_mask = input_ids == self.config.image_token_id
-        num_image_features = image_embeds.shape[0] * image_embeds.shape[1]
-        # A host synchronisation: a compiled prefill skips it.
-        if not torch.compiler.is_compiling() and int(image_token_mask.sum()) != num_image_features:
-            raise ValueError(
-                f"The prompt holds {int(image_token_mask.sum())} image tokens (id {self.config.image_token_id}) but the images give "
-                f"{num_image_features} ({image_embeds.shape[0]} crops x {image_embeds.shape[1]}). Each image needs one "
-                "placeholder in the text; the FlashSloth processor expands it to the right number of tokens."
-            )
         image_embeds = image_embeds.reshape(-1, inputs_embeds.shape[-1]).to(inputs_embeds.device, inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(image_token_mask[..., None], image_embeds)
 
@@ -500,7 +493,20 @@ class FlashSlothModel(FlashSlothPreTrainedModel):
         image_num_crops: torch.LongTensor | None,
         total_crops: int,
     ) -> QueryBlockLayout | None:
-        """The EmbQ layout of a batch (see `build_query_block_layout`); `None` without EmbQ or query blocks."""
+        """
+        Check that the image placeholders of `input_ids` match `total_crops`, then build the EmbQ layout of the batch
+        (see `build_query_block_layout`); `None` without EmbQ or query blocks. Both synchronise with the host: `generate`
+        calls this eagerly, ahead of a prefill that may be compiled, and a compiled call skips the check.
+        """
+        if not torch.compiler.is_compiling():
+            num_image_tokens = int((input_ids == self.config.image_token_id).sum())
+            if num_image_tokens != total_crops * self.config.image_tokens_per_crop:
+                raise ValueError(
+                    f"The prompt holds {num_image_tokens} image tokens (id {self.config.image_token_id}) but the images "
+                    f"give {total_crops * self.config.image_tokens_per_crop} ({total_crops} crops x "
+                    f"{self.config.image_tokens_per_crop}). Each image needs one placeholder in the text; the FlashSloth "
+                    "processor expands it to the right number of tokens."
+                )
         if self.embedded_query is None:
             return None
         image_num_crops = self._resolve_image_num_crops(image_num_crops, total_crops, input_ids.device)
@@ -584,7 +590,7 @@ class FlashSlothModel(FlashSlothPreTrainedModel):
 
         image_features = None
         if has_images:
-            if query_layout is None:
+            if query_layout is None:  # `generate` builds it ahead of the prefill
                 query_layout = self.build_query_layout(input_ids, instruction_mask, image_num_crops, pixel_values.shape[0])
             image_features = self.get_image_features(pixel_values)
             inputs_embeds = self.insert_image_embeddings(input_ids, inputs_embeds, image_features.image_embeds)
@@ -734,7 +740,15 @@ class FlashSlothForConditionalGeneration(FlashSlothPreTrainedModel, GenerationMi
         data-dependent shape.
         """
         model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
-        input_ids, pixel_values = model_inputs.get("input_ids"), model_inputs.get("pixel_values")
+        input_ids = model_inputs.get("input_ids")
+        if model_inputs.get("pixel_values") is None and kwargs.get("pixel_values") is not None:
+            # Before transformers 5.25, a chunked prefill (`prefill_chunk_size`) and an assistant model's prefill are
+            # prepared as decoding steps, which drops the images. An empty cache says that this step is a prefill.
+            cache = model_inputs.get(CACHE_ARGUMENT)
+            if cache is None or int(cache.get_seq_length()) == 0:
+                model_inputs["pixel_values"] = kwargs["pixel_values"].to(input_ids.device)
+                model_inputs["image_num_crops"] = kwargs.get("image_num_crops")
+        pixel_values = model_inputs.get("pixel_values")
         if input_ids is not None and pixel_values is not None and pixel_values.shape[0] > 0:
             model_inputs["query_layout"] = self.model.build_query_layout(
                 input_ids, model_inputs.get("instruction_mask"), model_inputs.get("image_num_crops"), pixel_values.shape[0]

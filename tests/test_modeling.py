@@ -171,7 +171,8 @@ def graph_recorder():
 
 def test_compiled_prefill_and_decoding_equal_eager_generation(model):
     """`prefill_chunk_size` >= the prompt puts the prefill through the compiled forward too: in one graph (fullgraph),
-    images, HD crops, several blocks and text-only samples in one batch, and the same tokens as eager generation."""
+    images, HD crops, several blocks and text-only samples in one batch, and the same tokens as eager generation.
+    (Before transformers 5.25, `generate` drops the images of a chunked prefill; FlashSloth puts them back.)"""
     torch._dynamo.reset()
     batch = collate([make_sample(turns, seed=index) for index, turns in enumerate(SAMPLES)])
     backend, pixel_batches = graph_recorder()
