@@ -294,17 +294,41 @@ def prefill_parts(model) -> dict:
     return parts
 
 
+def operator_counter():
+    """
+    A context manager whose `count` is the number of aten operators run inside it that produce new data. On a GPU each
+    is at least one kernel launch, so where launching dominates (eager code on a fast GPU) the prefill time follows
+    this count, not the FLOPs. Views (reshapes, transposes, slices) launch nothing and are not counted.
+    """
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    # `reshape` of a copy ends in `_unsafe_view`, which aten does not mark as a view but which moves no data either.
+    metadata_only = {torch.ops.aten._unsafe_view.default}
+
+    class OperatorCounter(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += not (func.is_view or func in metadata_only)
+            return func(*args, **(kwargs or {}))
+
+    return OperatorCounter()
+
+
 def count_prefill_flops(model, inputs: dict):
     """
     FLOPs of one prefill forward pass (logits of the last position only, as `generate` asks), counted by torch's
-    FLOP counter, in total and per part (see `prefill_parts`), and the KV cache it fills. torch registers no formula
-    for the CPU flash-attention kernel that sdpa uses on CPU; it gets the same formula as the GPU kernels.
+    FLOP counter, in total and per part (see `prefill_parts`); the operators it dispatches; and the KV cache it fills.
+    torch registers no formula for the CPU flash-attention kernel that sdpa uses on CPU; it gets the same formula as
+    the GPU kernels.
     """
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     custom_mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
-    with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=custom_mapping) as counter:
+    operators = operator_counter()
+    with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=custom_mapping) as counter, operators:
         outputs = model(**inputs, use_cache=True, logits_to_keep=1)
     per_module = {name: sum(counts.values()) for name, counts in counter.get_flop_counts().items()}
     module_names = {id(module): name for name, module in model.named_modules()}
@@ -313,9 +337,9 @@ def count_prefill_flops(model, inputs: dict):
         part: sum(per_module.get(f"{root}.{module_names[id(module)]}", 0) for module in modules)
         for part, modules in prefill_parts(model).items()
     }
-    # transformers >= 5.25 names the cache field of its own outputs `cache` (Llava's); FlashSloth's is `past_key_values`.
+    # transformers >= 5.25 names the cache field of model outputs `cache`, earlier versions `past_key_values`.
     cache = next(outputs[name] for name in ("cache", "past_key_values") if name in outputs.keys())
-    return counter.get_total_flops(), part_flops, cache
+    return counter.get_total_flops(), part_flops, operators.count, cache
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -625,12 +649,13 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
     results = {variant: {name: {} for name in MODEL_NAMES} for variant in settings.variants}
     for variant, name in cases:
         inputs = inputs_for(variant, name)
-        flops, part_flops, cache = count_prefill_flops(models[name], inputs)
+        flops, part_flops, operators, cache = count_prefill_flops(models[name], inputs)
         length = inputs["input_ids"].shape[1]
         results[variant][name].update(
             visual_tokens=visual_tokens(config, name, VARIANT_CROPS[variant]),
             prompt_tokens=length,
             prefill_flops=flops,
+            prefill_operators=operators,
             prefill_flops_by_part=part_flops,
             kv_cache_bytes=kv_cache_bytes(config.text_config, length, dtype),
             kv_cache_bytes_measured=cache_tensor_bytes(cache),
@@ -740,7 +765,15 @@ def compute_advantages(variant_results: dict, short: int, long: int) -> dict:
     throughput)."""
     ours, peer = variant_results["flashsloth"], variant_results["peer"]
     advantage = {}
-    for key in ("visual_tokens", "prompt_tokens", "prefill_flops", "kv_cache_bytes", "ttft_s", "decode_ms_per_token"):
+    for key in (
+        "visual_tokens",
+        "prompt_tokens",
+        "prefill_flops",
+        "prefill_operators",
+        "kv_cache_bytes",
+        "ttft_s",
+        "decode_ms_per_token",
+    ):
         advantage[key] = peer[key] / ours[key]
     for key in (f"response_{short}_s", f"response_{long}_s", "peak_memory_bytes"):
         if key in ours:
@@ -833,6 +866,7 @@ def table_rows(report: dict) -> list[tuple[str, list[str]]]:
         ("visual tokens per image", "visual_tokens", lambda value: f"{value:,}"),
         ("prompt tokens", "prompt_tokens", lambda value: f"{value:,}"),
         ("prefill GFLOPs (counted)", "prefill_flops", lambda value: f"{value / 1e9:,.1f}"),
+        ("prefill operators (non-view aten ops)", "prefill_operators", lambda value: f"{value:,}"),
         ("time to first token", "ttft_s", _format_ms),
         ("decode per token", "decode_ms_per_token", lambda value: f"{value:,.1f} ms"),
         (f"response, {short} new tokens", f"response_{short}_s", _format_ms),

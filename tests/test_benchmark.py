@@ -20,6 +20,7 @@ from flashsloth.benchmark import (
     format_markdown,
     generation_kwargs,
     main,
+    operator_counter,
 )
 
 
@@ -162,6 +163,24 @@ def test_counted_prefill_flops_equal_hand_counts(bench_run, configs):
     for variant, crops in VARIANT_CROPS.items():
         for name in MODEL_NAMES:
             assert report["variants"][variant][name]["prefill_flops"] == expected_prefill_flops(configs[0], name, crops)
+
+
+def test_operator_counter_counts_data_producing_operators_only():
+    a, b = torch.randn(4, 3), torch.randn(3, 5)
+    with operator_counter() as counter:
+        torch.mm(a, b).relu().view(-1).sum()
+    assert counter.count == 3  # mm, relu, sum
+    with operator_counter() as counter:
+        torch.mm(a, b).relu().t().reshape(-1).sum()
+    assert counter.count == 4  # the reshape of a transposed tensor copies it: one more
+
+
+def test_prefill_operators_are_counted_for_both_models(bench_run):
+    for results in bench_run[0]["variants"].values():
+        ours, peer = results["flashsloth"]["prefill_operators"], results["peer"]["prefill_operators"]
+        # Same vision tower and decoder depth: FlashSloth adds SAP, EmbQ and their layout, never fewer operators.
+        assert ours > peer > 0
+        assert results["advantage"]["prefill_operators"] == pytest.approx(peer / ours)
 
 
 def test_full_size_flop_ratios_are_the_issue_ceilings():
