@@ -119,6 +119,7 @@ class BenchmarkSettings:
     long_new_tokens: int = 128
     threads: int | None = None
     seed: int = 0
+    profile_dir: str | None = None  # where to write a profile of one short answer per model (base variant)
     layout: PromptLayout = field(default_factory=PromptLayout)
 
     def validate(self):
@@ -451,6 +452,30 @@ def timed_generate(model, inputs: dict, new_tokens: int, generation_kwargs: dict
     return RunRecord([arrival - start for arrival in clock.arrivals], memory.extra_bytes)
 
 
+def profile_generation(model, inputs: dict, new_tokens: int, generation_kwargs: dict, device, path_stem: str) -> dict:
+    """
+    One answer under torch's profiler. Writes `<path_stem>.trace.json` (a Chrome trace: chrome://tracing or Perfetto)
+    and `<path_stem>.txt` (the operators that took the most time). Returns the answer's wall time and, on a GPU, the
+    time kernels and copies kept the device busy: far below the wall time, the host launching work is the limit.
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = torch.device(device).type == "cuda"
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
+    with profile(activities=activities) as profiler:
+        run = timed_generate(model, inputs, new_tokens, generation_kwargs, device)
+    profiler.export_chrome_trace(f"{path_stem}.trace.json")
+    operators = profiler.key_averages()
+    sort_by = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    with open(f"{path_stem}.txt", "w") as file:
+        file.write(operators.table(sort_by=sort_by, row_limit=40))
+    summary = {"wall_s": run.arrivals[-1], "trace": f"{path_stem}.trace.json", "table": f"{path_stem}.txt"}
+    if on_gpu:
+        summary["device_busy_s"] = sum(operator.self_device_time_total for operator in operators) / 1e6
+    return summary
+
+
 def time_prefill_parts(model, inputs: dict, repeats: int, device) -> dict[str, float]:
     """
     Median seconds of a prefill forward pass and of its parts (see `prefill_parts`), timed by module hooks in a pass of
@@ -642,8 +667,9 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
         warmups = sorted({run[1:] for run in timed}, key=str)
     else:
         warmups = [(variant, name, 1, short) for variant, name in cases]
+    profiled = main_cases if settings.profile_dir else []
     progress = tqdm(
-        total=2 * len(cases) + len(warmups) + len(timed), desc=f"bench {settings.size}"
+        total=2 * len(cases) + len(warmups) + len(timed) + len(profiled), desc=f"bench {settings.size}"
     )
 
     results = {variant: {name: {} for name in MODEL_NAMES} for variant in settings.variants}
@@ -683,6 +709,11 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
         run = timed_generate(models[name], inputs_for(variant, name, batch_size), new_tokens, gen_kwargs, device)
         records.setdefault((phase, variant, name, batch_size), []).append(run)
         progress.update()
+    profiles = {}
+    for variant, name in profiled:
+        path_stem = os.path.join(settings.profile_dir, f"{settings.size}_{variant}_{name}")
+        profiles[name] = profile_generation(models[name], inputs_for(variant, name), short, gen_kwargs, device, path_stem)
+        progress.update()
     progress.close()
 
     for variant, name in cases:
@@ -718,6 +749,8 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
         "duration_s": time.perf_counter() - started,
         "variants": results,
     }
+    if profiles:
+        report["profile"] = {"variant": main_variant, "new_tokens": short, "models": profiles}
     report["goals"] = evaluate_goals(report)
     logger.info("Benchmark of size %s done.", settings.size)
     return report
@@ -938,6 +971,15 @@ def format_markdown(report: dict) -> str:
         comparison = ">=" if goal["higher_is_better"] else "<="
         verdict = "yes" if goal["met"] else "**no**"
         lines.append(f"| {goal['name']} | {goal['measured']:.3f} | {comparison} {goal['target']:g} | {verdict} |")
+    if "profile" in report:
+        profile = report["profile"]
+        lines += ["", f"Profiled: one {profile['new_tokens']}-token answer per model ({profile['variant']}).", ""]
+        for name, summary in profile["models"].items():
+            busy = ""
+            if "device_busy_s" in summary:
+                share = summary["device_busy_s"] / summary["wall_s"]
+                busy = f"; device busy {_format_ms(summary['device_busy_s'])} ({share:.0%})"
+            lines.append(f"- {name}: {_format_ms(summary['wall_s'])}{busy}; `{summary['table']}`, `{summary['trace']}`")
     return "\n".join(lines) + "\n"
 
 
@@ -1108,6 +1150,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument("--json", metavar="PATH", help="Write the full results (every sample, every ratio) as JSON.")
     parser.add_argument("--markdown", metavar="PATH", help="Write the markdown table (it is printed in any case).")
     parser.add_argument("--plot", metavar="PATH", help="Write a PNG chart (needs matplotlib: the `plot` extra).")
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="After timing, profile one short answer per model (base variant) with torch's profiler: a Chrome trace and "
+        "an operator table per model in DIR, and on a GPU how busy the device was.",
+    )
     parser.set_defaults(handler=run_bench)
     return parser
 
@@ -1141,6 +1189,7 @@ def _settings_from_args(args: argparse.Namespace) -> BenchmarkSettings:
         long_new_tokens=args.long_new_tokens,
         threads=args.threads,
         seed=args.seed,
+        profile_dir=args.profile,
     )
 
 
@@ -1158,6 +1207,8 @@ def run_bench(args: argparse.Namespace) -> None:
     for path in (args.json, args.markdown, args.plot):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise CliError(f"the folder of {path} does not exist")
+    if args.profile and not os.path.isdir(args.profile):
+        raise CliError(f"--profile {args.profile}: no such folder; create it first")
     try:
         report = run_benchmark(settings)
     except (ValueError, ImportError) as error:

@@ -36,6 +36,7 @@ def bench_run(tmp_path_factory):
     argv = ["--size", "tiny", "--device", "cpu", "--repeats", "1", "--batch-sizes", "1", "2", "--threads", "1"]
     argv += ["--short-new-tokens", str(SHORT), "--long-new-tokens", str(LONG)]
     argv += ["--json", str(paths["json"]), "--markdown", str(paths["md"]), "--plot", str(paths["png"])]
+    argv += ["--profile", str(folder)]
     assert main(argv) == 0
     return json.loads(paths["json"].read_text()), paths
 
@@ -165,6 +166,19 @@ def test_counted_prefill_flops_equal_hand_counts(bench_run, configs):
             assert report["variants"][variant][name]["prefill_flops"] == expected_prefill_flops(configs[0], name, crops)
 
 
+def test_profile_writes_a_trace_and_an_operator_table_per_model(bench_run):
+    report, paths = bench_run
+    profile = report["profile"]
+    assert profile["variant"] == "base" and set(profile["models"]) == set(MODEL_NAMES)
+    for name, summary in profile["models"].items():
+        assert summary["wall_s"] > 0 and "device_busy_s" not in summary  # on the CPU: no device time to report
+        trace = json.loads(open(summary["trace"]).read())
+        assert any(event.get("name") == "aten::mm" or event.get("name") == "aten::addmm" for event in trace["traceEvents"])
+        table = open(summary["table"]).read()
+        assert "Self CPU" in table and "aten::" in table
+        assert summary["table"] in paths["md"].read_text()
+
+
 def test_operator_counter_counts_data_producing_operators_only():
     a, b = torch.randn(4, 3), torch.randn(3, 5)
     with operator_counter() as counter:
@@ -267,7 +281,8 @@ def test_cli_registers_bench_and_rejects_bad_settings(capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--help"])
     help_text = capsys.readouterr().out
-    for option in ("--size", "--variants", "--batch-sizes", "--long-new-tokens", "--json", "--markdown", "--plot", "--compile"):
+    options = ("--size", "--variants", "--batch-sizes", "--long-new-tokens", "--json", "--markdown", "--plot", "--compile")
+    for option in (*options, "--profile"):
         assert option in help_text
     assert cli.main(["bench", "--short-new-tokens", "8", "--long-new-tokens", "4"]) == 2
     assert "long answers more than short ones" in capsys.readouterr().err
@@ -275,3 +290,5 @@ def test_cli_registers_bench_and_rejects_bad_settings(capsys):
         cli.main(["bench", "--batch-sizes", "0"])
     assert cli.main(["bench", "--json", "/no/such/folder/speed.json"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["bench", "--profile", "/no/such/folder"]) == 2
+    assert "no such folder; create it first" in capsys.readouterr().err
