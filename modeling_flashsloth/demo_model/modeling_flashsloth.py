@@ -741,7 +741,8 @@ class FlashSlothForConditionalGeneration(FlashSlothPreTrainedModel, GenerationMi
         """
         model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
         input_ids = model_inputs.get("input_ids")
-        if model_inputs.get("pixel_values") is None and kwargs.get("pixel_values") is not None:
+        images_dropped = model_inputs.get("pixel_values") is None and kwargs.get("pixel_values") is not None
+        if input_ids is not None and images_dropped:
             # Before transformers 5.25, a chunked prefill (`prefill_chunk_size`) and an assistant model's prefill are
             # prepared as decoding steps, which drops the images. An empty cache says that this step is a prefill.
             cache = model_inputs.get(CACHE_ARGUMENT)
