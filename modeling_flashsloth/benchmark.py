@@ -7,6 +7,11 @@ language model, and for HD it gets FlashSloth-HD's 5 crops as 5 images (3645 tok
 random weights (the peer shares FlashSloth's modules, so one copy sits in memory), run in one process, interleaved,
 after a warm-up, and every time is a median.
 
+With `--smolvlm`, a second, tiled peer joins the base variant: transformers' native `SmolVLMForConditionalGeneration`
+at the size of SmolVLM-Instruct (SigLIP so400m tiles, 3x3 pixel shuffle, SmolLM2-1.7B; random weights of its own) and
+its processor's default tiling: the image's longest edge goes to 4 x 384 pixels, cut into 4 x 4 tiles, plus the whole
+image as a 17th, 81 tokens each (1377).
+
     flashsloth bench --size small --json speed.json --markdown speed.md --plot speed.png
     python -m flashsloth.benchmark --size tiny
 
@@ -34,13 +39,37 @@ from .cli_errors import CliError
 SIZES = ("tiny", "small", "full")
 VARIANTS = ("base", "hd")
 MODEL_NAMES = ("flashsloth", "peer")
-MODEL_LABELS = {"flashsloth": "FlashSloth", "peer": "uncompressed peer"}
+TILED_PEER = "smolvlm"  # the optional SmolVLM-sized peer, base variant only
+MODEL_LABELS = {"flashsloth": "FlashSloth", "peer": "uncompressed peer", TILED_PEER: "SmolVLM-sized peer"}
+ADVANTAGE_KEYS = {"peer": "advantage", TILED_PEER: "advantage_smolvlm"}  # FlashSloth's advantage over each peer
 VARIANT_CROPS = {"base": 1, "hd": 5}
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_CHOICES = ("sdpa", "eager", "flash_attention_2")
 # The peer's HD prompt (3645 image tokens) is longer than Phi-2's 2048 positions; rotary embeddings extend as is.
 MAX_POSITIONS = 4096
 TOKEN_ID_RANGE = (1000, 50000)  # random prompt text, clear of the placeholder and anchor ids
+
+# SmolVLM-Instruct's language model, SmolLM2-1.7B (its vision tower is FlashSloth's SigLIP so400m/14-384, all 27
+# layers), and the layout its processor gives one image at the default size: a 4 x 4 grid of 384-pixel tiles, each
+# `<fake_token_around_image><row_i_col_j>` + 81 image tokens, a newline after each row, then
+# `\n<fake_token_around_image><global-img>` + 81 image tokens + `<fake_token_around_image>` for the whole image.
+SMOLLM2_1_7B = {
+    "model_type": "llama",
+    "vocab_size": 49280,
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "rope_theta": 273768.0,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+    "pad_token_id": 2,
+}
+SMOLVLM_SCALE_FACTOR = 3
+SMOLVLM_TILE_GRID = 4
+SMOLVLM_TOKEN_IDS = {"newline": 198, "fake": 49189, "global": 49188, "image": 49190, "first_row_col": 49200}
+SMOLVLM_TEXT_ID_RANGE = (1000, 49000)
 
 
 @dataclass(frozen=True)
@@ -51,6 +80,7 @@ class SizeSpec:
     text: dict
     query_layer_index: int
     query_hidden_size: int
+    tiled_peer_layers: tuple[int, int]  # encoder and decoder layers of the SmolVLM-sized peer
     description: str
 
 
@@ -66,6 +96,7 @@ SIZE_SPECS = {
         },
         query_layer_index=1,
         query_hidden_size=32,
+        tiled_peer_layers=(2, 2),
         description="full token geometry and vocabulary, tiny widths (SigLIP 32, Phi 64), 2 encoder + 2 decoder layers",
     ),
     "small": SizeSpec(
@@ -73,14 +104,17 @@ SIZE_SPECS = {
         text={"num_hidden_layers": 4},
         query_layer_index=1,
         query_hidden_size=576,
+        tiled_peer_layers=(3, 3),
         description="full widths (SigLIP 1152, Phi 2560, vocabulary 51200), depths cut by 8: 3 of 26 encoder layers "
-        "used, 4 of 32 decoder layers, EmbQ before decoder layer 1 of 4 (7 of 32)",
+        "used, 4 of 32 decoder layers, EmbQ before decoder layer 1 of 4 (7 of 32); SmolVLM-sized peer: 3 of 27 and 3 "
+        "of 24",
     ),
     "full": SizeSpec(
         vision={},
         text={},
         query_layer_index=7,
         query_hidden_size=576,
+        tiled_peer_layers=(27, 24),
         description="SigLIP so400m/14-384 (26 of 27 encoder layers used) + Phi-2 (32 layers, 2560 wide)",
     ),
 }
@@ -111,6 +145,7 @@ class BenchmarkSettings:
     attn_implementation: str = "sdpa"
     compile: bool = False
     variants: tuple[str, ...] = VARIANTS
+    tiled_peer: bool = False  # also time the SmolVLM-sized peer (base variant, batch 1)
     repeats: int = 3
     long_repeats: int = 1
     batch_repeats: int = 1
@@ -205,10 +240,55 @@ def build_models(size: str, dtype, device, attn_implementation: str = "sdpa", se
     return flashsloth.eval(), peer.eval()
 
 
+def tiled_peer_config(size: str):
+    """The config of the SmolVLM-sized peer (a `SmolVLMConfig`) at a benchmark size: the same SigLIP widths as
+    FlashSloth's, SmolLM2-1.7B, both depths cut like FlashSloth's."""
+    from transformers import SmolVLMConfig
+
+    from .configuration_flashsloth import SIGLIP_SO400M_384
+
+    spec = SIZE_SPECS[size]
+    vision_layers, text_layers = spec.tiled_peer_layers
+    vision_config = {
+        key: value for key, value in {**SIGLIP_SO400M_384, **spec.vision}.items() if key not in ("model_type", "vision_use_head")
+    }
+    text_config = {**SMOLLM2_1_7B, **spec.text, "max_position_embeddings": MAX_POSITIONS}
+    return SmolVLMConfig(
+        vision_config={**vision_config, "num_hidden_layers": vision_layers},
+        text_config={**text_config, "num_hidden_layers": text_layers},
+        scale_factor=SMOLVLM_SCALE_FACTOR,
+        image_token_id=SMOLVLM_TOKEN_IDS["image"],
+        pad_token_id=SMOLLM2_1_7B["pad_token_id"],  # SmolVLMConfig's own default is a Llama-3 id, outside this vocabulary
+        tie_word_embeddings=False,
+    )
+
+
+def build_tiled_peer(size: str, dtype, device, attn_implementation: str = "sdpa", seed: int = 0):
+    """The SmolVLM-sized peer with random weights of its own, in eval mode."""
+    import torch
+    from transformers import SmolVLMForConditionalGeneration
+
+    torch.manual_seed(seed + 1)
+    with torch.device(device):
+        model = SmolVLMForConditionalGeneration._from_config(
+            tiled_peer_config(size), dtype=dtype, attn_implementation=attn_implementation
+        )
+    return model.eval()
+
+
+def tiled_peer_tile_tokens(config) -> int:
+    """Tokens of one SmolVLM tile: its patch grid, shrunk by the pixel shuffle's factor on each side."""
+    grid = config.vision_config.image_size // config.vision_config.patch_size
+    return (grid // config.scale_factor) ** 2
+
+
 def visual_tokens(config, model_name: str, num_crops: int) -> int:
-    """Tokens an image puts into the language model: FlashSloth's pooled tokens plus its query block, or all patches."""
+    """Tokens an image puts into the language model: FlashSloth's pooled tokens plus its query block, all patches for
+    the uncompressed peer, or the SmolVLM-sized peer's tiles (`config` is that model's config)."""
     if model_name == "flashsloth":
         return config.image_tokens_per_crop * num_crops + config.num_query_tokens
+    if model_name == TILED_PEER:
+        return (SMOLVLM_TILE_GRID**2 + 1) * tiled_peer_tile_tokens(config)
     return config.patch_grid_size**2 * num_crops
 
 
@@ -254,6 +334,39 @@ def build_inputs(config, model_name: str, num_crops: int, batch_size: int, layou
     return inputs
 
 
+def build_tiled_peer_inputs(config, batch_size: int, layout: PromptLayout, seed: int = 0):
+    """
+    Model inputs of the SmolVLM-sized peer for the same one-turn prompt: the text around the image as in
+    `build_inputs`, the image as its processor lays out 4 x 4 tiles and the whole image (see `SMOLVLM_TOKEN_IDS`), and
+    `pixel_values` of shape (batch, 17 tiles, 3, 384, 384). `config` is the peer's config. CPU tensors.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def text(length: int) -> torch.Tensor:
+        return torch.randint(*SMOLVLM_TEXT_ID_RANGE, (batch_size, length), generator=generator)
+
+    ids = SMOLVLM_TOKEN_IDS
+    tile = [ids["image"]] * tiled_peer_tile_tokens(config)
+    image_layout = []
+    for row in range(SMOLVLM_TILE_GRID):
+        for column in range(SMOLVLM_TILE_GRID):
+            image_layout += [ids["fake"], ids["first_row_col"] + row * SMOLVLM_TILE_GRID + column, *tile]
+        image_layout.append(ids["newline"])
+    image_layout += [ids["newline"], ids["fake"], ids["global"], *tile, ids["fake"]]
+    image = torch.tensor(image_layout).expand(batch_size, -1)
+    prefix, newline = text(layout.prefix_tokens), text(layout.newline_tokens)
+    question, suffix = text(layout.question_tokens), text(layout.suffix_tokens)
+    input_ids = torch.cat([prefix, image, newline, question, suffix], dim=1)
+    size, tiles = config.vision_config.image_size, SMOLVLM_TILE_GRID**2 + 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "pixel_values": torch.rand(batch_size, tiles, 3, size, size, generator=generator) * 2 - 1,
+    }
+
+
 def move_inputs(inputs: dict, device, dtype) -> dict:
     return {
         name: value.to(device, dtype) if value.is_floating_point() else value.to(device) for name, value in inputs.items()
@@ -285,9 +398,12 @@ def prefill_parts(model) -> dict:
     """The modules whose share of the prefill is reported: the vision tower, the decoder layers and the language
     modeling head, plus FlashSloth's SAP and EmbQ. Maps a part name to its modules."""
     inner = model.model
+    # Llava and FlashSloth name their towers `vision_tower` and `language_model`, SmolVLM `vision_model` and `text_model`.
+    vision_tower = getattr(inner, "vision_tower", None) or inner.vision_model
+    language_model = getattr(inner, "language_model", None) or inner.text_model
     parts = {
-        "vision": [inner.vision_tower],
-        "decoder": list(inner.language_model.layers),
+        "vision": [vision_tower],
+        "decoder": list(language_model.layers),
         "lm_head": [model.lm_head],
     }
     if hasattr(inner, "spatial_pooling"):
@@ -549,14 +665,16 @@ def resolve_device_and_dtype(settings: BenchmarkSettings):
 
 
 def generation_kwargs(config, settings: BenchmarkSettings, device) -> dict:
-    """The same greedy settings for both models: exactly the asked number of tokens, placeholders never generated."""
+    """The same greedy settings for every model: exactly the asked number of tokens, placeholders never generated.
+    `config` is the config of the model that generates."""
     from transformers import CompileConfig
 
+    placeholder_ids = [config.image_token_id, getattr(config, "query_token_id", None)]
     kwargs = {
         "do_sample": False,
         "eos_token_id": None,
         "pad_token_id": config.text_config.pad_token_id or 0,
-        "suppress_tokens": [config.image_token_id, config.query_token_id],
+        "suppress_tokens": [token_id for token_id in placeholder_ids if token_id is not None],
     }
     if settings.compile:
         import torch
@@ -619,6 +737,9 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
        response time, decode speed;
     4. long answers at batch 1 (base variant), `long_repeats` rounds: response time and decode speed;
     5. short answers at every batch size above 1 (base variant), `batch_repeats` rounds: throughput.
+
+    The SmolVLM-sized peer (`tiled_peer`) runs in the base variant only (its tiling does not depend on the image size)
+    and at batch 1 only (17 tiles per image make large batches slow on a CPU).
     """
     import torch
     from tqdm.auto import tqdm
@@ -635,12 +756,17 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
     started = time.perf_counter()
     flashsloth, peer = build_models(settings.size, dtype, device, settings.attn_implementation, settings.seed)
     models = {"flashsloth": flashsloth, "peer": peer}
+    if settings.tiled_peer:
+        models[TILED_PEER] = build_tiled_peer(settings.size, dtype, device, settings.attn_implementation, settings.seed)
     config = flashsloth.config
-    gen_kwargs = generation_kwargs(config, settings, device)
+    gen_kwargs = {name: generation_kwargs(model.config, settings, device) for name, model in models.items()}
     short, long = settings.short_new_tokens, settings.long_new_tokens
     main_variant = "base" if "base" in settings.variants else settings.variants[0]
     cases = [(variant, name) for variant in settings.variants for name in MODEL_NAMES]
-    main_cases = [(main_variant, name) for name in MODEL_NAMES]
+    if settings.tiled_peer:
+        cases.insert(cases.index((main_variant, "peer")) + 1, (main_variant, TILED_PEER))
+    main_cases = [(variant, name) for variant, name in cases if variant == main_variant]
+    batched_cases = [(main_variant, name) for name in MODEL_NAMES]
     batch_sizes = sorted(batch for batch in set(settings.batch_sizes) if batch > 1)
 
     inputs_cache = {}
@@ -648,7 +774,10 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
     def inputs_for(variant: str, name: str, batch_size: int = 1) -> dict:
         key = (variant, name, batch_size)
         if key not in inputs_cache:
-            built = build_inputs(config, name, VARIANT_CROPS[variant], batch_size, settings.layout, seed=settings.seed)
+            if name == TILED_PEER:
+                built = build_tiled_peer_inputs(models[name].config, batch_size, settings.layout, seed=settings.seed)
+            else:
+                built = build_inputs(config, name, VARIANT_CROPS[variant], batch_size, settings.layout, seed=settings.seed)
             inputs_cache[key] = move_inputs(built, device, dtype)
         return inputs_cache[key]
 
@@ -659,7 +788,7 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
     for batch_size in batch_sizes:
         timed += [
             ("batch", variant, name, batch_size, short)
-            for variant, name in _interleaved(main_cases, settings.batch_repeats)
+            for variant, name in _interleaved(batched_cases, settings.batch_repeats)
         ]
     # Untimed generations first: the first call of a shape pays one-time costs (compilation; on a GPU also library
     # set-up, 5x a warm eager call). Compiled, every shape; eager, one batch-1 short answer per case.
@@ -672,28 +801,30 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
         total=2 * len(cases) + len(warmups) + len(timed) + len(profiled), desc=f"bench {settings.size}"
     )
 
-    results = {variant: {name: {} for name in MODEL_NAMES} for variant in settings.variants}
+    results = {variant: {} for variant in settings.variants}
     for variant, name in cases:
         inputs = inputs_for(variant, name)
         flops, part_flops, operators, cache = count_prefill_flops(models[name], inputs)
         length = inputs["input_ids"].shape[1]
-        results[variant][name].update(
-            visual_tokens=visual_tokens(config, name, VARIANT_CROPS[variant]),
+        # The uncompressed peer's geometry is FlashSloth's, read from FlashSloth's config; the tiled peer has its own.
+        model_config = models[name].config if name == TILED_PEER else config
+        results[variant][name] = dict(
+            visual_tokens=visual_tokens(model_config, name, VARIANT_CROPS[variant]),
             prompt_tokens=length,
             prefill_flops=flops,
             prefill_operators=operators,
             prefill_flops_by_part=part_flops,
-            kv_cache_bytes=kv_cache_bytes(config.text_config, length, dtype),
+            kv_cache_bytes=kv_cache_bytes(model_config.text_config, length, dtype),
             kv_cache_bytes_measured=cache_tensor_bytes(cache),
             weight_bytes=parameter_bytes(models[name]),
         )
         del cache
         progress.update()
     for variant, name, batch_size, new_tokens in warmups:
-        timed_generate(models[name], inputs_for(variant, name, batch_size), new_tokens, gen_kwargs, device)
+        timed_generate(models[name], inputs_for(variant, name, batch_size), new_tokens, gen_kwargs[name], device)
         progress.update()
     for variant, name in cases:
-        # FlashSloth's parts give a goal (SAP + EmbQ share), the peer's only explain its prefill: timed once.
+        # FlashSloth's parts give a goal (SAP + EmbQ share), the peers' only explain their prefills: timed once.
         repeats = settings.repeats if name == "flashsloth" else 1
         entry = results[variant][name]
         entry["prefill_parts_s"] = time_prefill_parts(models[name], inputs_for(variant, name), repeats, device)
@@ -706,13 +837,14 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
 
     records = {}
     for phase, variant, name, batch_size, new_tokens in timed:
-        run = timed_generate(models[name], inputs_for(variant, name, batch_size), new_tokens, gen_kwargs, device)
+        run = timed_generate(models[name], inputs_for(variant, name, batch_size), new_tokens, gen_kwargs[name], device)
         records.setdefault((phase, variant, name, batch_size), []).append(run)
         progress.update()
     profiles = {}
     for variant, name in profiled:
         path_stem = os.path.join(settings.profile_dir, f"{settings.size}_{variant}_{name}")
-        profiles[name] = profile_generation(models[name], inputs_for(variant, name), short, gen_kwargs, device, path_stem)
+        inputs = inputs_for(variant, name)
+        profiles[name] = profile_generation(models[name], inputs, short, gen_kwargs[name], device, path_stem)
         progress.update()
     progress.close()
 
@@ -733,7 +865,8 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
             batch: entry["weight_bytes"] + extra for batch, extra in entry.pop("peak_extra_bytes_by_batch").items()
         }
     for variant in settings.variants:
-        results[variant]["advantage"] = compute_advantages(results[variant], short, long)
+        for peer_name in peers_in(results[variant]):
+            results[variant][ADVANTAGE_KEYS[peer_name]] = compute_advantages(results[variant], short, long, peer_name)
 
     report = {
         "size": settings.size,
@@ -793,10 +926,15 @@ def summarize_runs(
     return summary
 
 
-def compute_advantages(variant_results: dict, short: int, long: int) -> dict:
-    """How many times better FlashSloth is than the peer on each metric (peer / FlashSloth, or FlashSloth / peer for
+def peers_in(variant_results: dict) -> list[str]:
+    """The peers measured in one variant: the uncompressed peer, and the SmolVLM-sized one where it ran."""
+    return [name for name in ("peer", TILED_PEER) if name in variant_results]
+
+
+def compute_advantages(variant_results: dict, short: int, long: int, peer_name: str = "peer") -> dict:
+    """How many times better FlashSloth is than a peer on each metric (peer / FlashSloth, or FlashSloth / peer for
     throughput)."""
-    ours, peer = variant_results["flashsloth"], variant_results["peer"]
+    ours, peer = variant_results["flashsloth"], variant_results[peer_name]
     advantage = {}
     for key in (
         "visual_tokens",
@@ -814,6 +952,7 @@ def compute_advantages(variant_results: dict, short: int, long: int) -> dict:
     advantage["throughput_tokens_per_s"] = {
         batch: ours["throughput_tokens_per_s"][batch] / peer["throughput_tokens_per_s"][batch]
         for batch in ours["throughput_tokens_per_s"]
+        if batch in peer["throughput_tokens_per_s"]
     }
     return advantage
 
@@ -889,60 +1028,70 @@ def _format_ratio(value: float | None) -> str:
     return "–" if value is None else f"**{value:.2f}x**"
 
 
+def _lookup(record: dict, path: tuple[str, ...]):
+    """`record[path[0]][path[1]]...`, or None where a key is missing."""
+    for key in path:
+        if not isinstance(record, dict) or key not in record:
+            return None
+        record = record[key]
+    return record
+
+
 def table_rows(report: dict) -> list[tuple[str, list[str]]]:
-    """The rows of the markdown table: a label, then per variant the FlashSloth value, the peer's and the advantage."""
+    """
+    The rows of the markdown table: a label, then per variant FlashSloth's value and, for each peer that ran in that
+    variant, the peer's value and a comparison: FlashSloth's advantage as computed (`advantage`), the peer's value over
+    FlashSloth's (`peer / ours`), FlashSloth's over the peer's (`ours / peer`), or nothing.
+    """
     settings = report["settings"]
     short, long = settings["short_new_tokens"], settings["long_new_tokens"]
     variants = report["variants"]
-    batches = sorted({int(batch) for results in variants.values() for batch in results["advantage"]["throughput_tokens_per_s"]})
-    metrics = [
-        ("visual tokens per image", "visual_tokens", lambda value: f"{value:,}"),
-        ("prompt tokens", "prompt_tokens", lambda value: f"{value:,}"),
-        ("prefill GFLOPs (counted)", "prefill_flops", lambda value: f"{value / 1e9:,.1f}"),
-        ("prefill operators (non-view aten ops)", "prefill_operators", lambda value: f"{value:,}"),
-        ("time to first token", "ttft_s", _format_ms),
-        ("decode per token", "decode_ms_per_token", lambda value: f"{value:,.1f} ms"),
-        (f"response, {short} new tokens", f"response_{short}_s", _format_ms),
+    batches = sorted({int(batch) for results in variants.values() for batch in results["flashsloth"]["throughput_tokens_per_s"]})
+
+    def comparison(results: dict, peer: str, path: tuple[str, ...], kind: str | None) -> str:
+        ours, theirs = _lookup(results["flashsloth"], path), _lookup(results[peer], path)
+        if kind == "advantage":
+            return _format_ratio(_lookup(results[ADVANTAGE_KEYS[peer]], path))
+        if kind is None or ours is None or theirs is None:
+            return "" if kind is None else "–"
+        return _format_ratio(theirs / ours) if kind == "peer / ours" else f"{ours / theirs:.2f}x"
+
+    def row(path: tuple[str, ...], format_value, kind: str | None = "advantage") -> list[str]:
+        cells = []
+        for results in variants.values():
+            for name in ("flashsloth", *peers_in(results)):
+                value = _lookup(results[name], path)
+                cells.append("–" if value is None else format_value(value))
+                if name != "flashsloth":
+                    cells.append(comparison(results, name, path, kind))
+        return cells
+
+    rows = [
+        ("visual tokens per image", row(("visual_tokens",), "{:,}".format)),
+        ("prompt tokens", row(("prompt_tokens",), "{:,}".format)),
+        ("prefill GFLOPs (counted)", row(("prefill_flops",), lambda value: f"{value / 1e9:,.1f}")),
+        ("prefill operators (non-view aten ops)", row(("prefill_operators",), "{:,}".format)),
+        ("time to first token", row(("ttft_s",), _format_ms)),
+        ("decode per token", row(("decode_ms_per_token",), "{:,.1f} ms".format)),
+        (f"response, {short} new tokens", row((f"response_{short}_s",), _format_ms)),
     ]
     if long:
-        metrics.append((f"response, {long} new tokens", f"response_{long}_s", _format_ms))
-    metrics += [
-        ("KV cache per sequence (prompt)", "kv_cache_bytes", _format_bytes),
-        ("peak memory, batch 1 (weights + run)", "peak_memory_bytes", _format_bytes),
+        rows.append((f"response, {long} new tokens", row((f"response_{long}_s",), _format_ms)))
+    rows += [
+        ("KV cache per sequence (prompt)", row(("kv_cache_bytes",), _format_bytes)),
+        ("peak memory, batch 1 (weights + run)", row(("peak_memory_bytes",), _format_bytes)),
     ]
-    rows = []
-    for label, key, formatter in metrics:
-        cells = []
-        for results in variants.values():
-            values = [results[name].get(key) for name in MODEL_NAMES]
-            cells += ["–" if value is None else formatter(value) for value in values]
-            cells.append(_format_ratio(results["advantage"].get(key)))
-        rows.append((label, cells))
     for batch in batches:
-        cells = []
-        for results in variants.values():
-            values = [results[name]["throughput_tokens_per_s"].get(str(batch)) for name in MODEL_NAMES]
-            cells += ["–" if value is None else f"{value:,.2f}" for value in values]
-            cells.append(_format_ratio(results["advantage"]["throughput_tokens_per_s"].get(str(batch))))
-        rows.append((f"throughput, batch {batch} (tokens/s, {short} new)", cells))
+        label = f"throughput, batch {batch} (tokens/s, {short} new)"
+        rows.append((label, row(("throughput_tokens_per_s", str(batch)), "{:,.2f}".format)))
     for batch in (batch for batch in batches if batch > 1):
-        cells = []
-        for results in variants.values():
-            values = [results[name]["peak_memory_bytes_by_batch"].get(str(batch)) for name in MODEL_NAMES]
-            cells += ["–" if value is None else _format_bytes(value) for value in values]
-            cells.append("–" if None in values else _format_ratio(values[1] / values[0]))
-        rows.append((f"peak memory, batch {batch}", cells))
+        rows.append((f"peak memory, batch {batch}", row(("peak_memory_bytes_by_batch", str(batch)), _format_bytes, "peer / ours")))
     for part, label in (("vision", "vision tower"), ("decoder", "decoder layers")):
-        cells = []
-        for results in variants.values():
-            speeds = [results[name]["prefill_gflops_per_s"].get(part) for name in MODEL_NAMES]
-            cells += ["–" if speed is None else f"{speed:,.1f}" for speed in speeds]
-            cells.append("–" if None in speeds else f"{speeds[0] / speeds[1]:.2f}x")
-        rows.append((f"prefill GFLOP/s, {label}", cells))
-    cells = []
+        rows.append((f"prefill GFLOP/s, {label}", row(("prefill_gflops_per_s", part), "{:,.1f}".format, "ours / peer")))
+    shares = []
     for results in variants.values():
-        cells += [f"{100 * sap_embq_share(results['flashsloth']['prefill_parts_s']):.2f}%", "", ""]
-    rows.append(("SAP + EmbQ share of prefill", cells))
+        shares += [f"{100 * sap_embq_share(results['flashsloth']['prefill_parts_s']):.2f}%"] + ["", ""] * len(peers_in(results))
+    rows.append(("SAP + EmbQ share of prefill", shares))
     return rows
 
 
@@ -958,11 +1107,13 @@ def format_markdown(report: dict) -> str:
         "",
     ]
     header, separator = ["metric"], ["---"]
-    for variant in report["variants"]:
+    for variant, results in report["variants"].items():
         crops = VARIANT_CROPS[variant]
-        suffix = " HD" if variant == "hd" else ""
-        header += [f"FlashSloth{suffix}", f"peer ({crops} x 729)", "advantage"]
-        separator += ["---:", "---:", "---:"]
+        header.append("FlashSloth HD" if variant == "hd" else "FlashSloth")
+        peer_headers = {"peer": f"peer ({crops} x 729)", TILED_PEER: f"SmolVLM-sized ({SMOLVLM_TILE_GRID**2 + 1} tiles)"}
+        for peer in peers_in(results):
+            header += [peer_headers[peer], "advantage"]
+        separator += ["---:"] * (1 + 2 * len(peers_in(results)))
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join(separator) + "|"]
     for label, cells in table_rows(report):
         lines.append("| " + " | ".join([label, *cells]) + " |")
@@ -993,9 +1144,10 @@ def plot_report(report: dict, path: str):
     settings = report["settings"]
     short, long = settings["short_new_tokens"], settings["long_new_tokens"]
     variants = report["variants"]
-    colors = {"flashsloth": "#2a9d8f", "peer": "#b0b0b0"}
+    colors = {"flashsloth": "#2a9d8f", "peer": "#b0b0b0", TILED_PEER: "#e9c46a"}
     figure, axes = pyplot.subplots(1, 3, figsize=(15, 4.5))
 
+    # Left: per variant and metric a group of bars, FlashSloth's and each peer's, FlashSloth's advantage above a peer's.
     metrics = [("ttft_s", "TTFT"), (f"response_{short}_s", f"{short} tok")]
     if long:
         metrics.append((f"response_{long}_s", f"{long} tok"))
@@ -1005,24 +1157,26 @@ def plot_report(report: dict, path: str):
         for key, label in metrics
         if all(key in variants[variant][name] for name in MODEL_NAMES)
     ]
-    for offset, name in ((-0.2, "flashsloth"), (0.2, "peer")):
-        values = [variants[variant][name][key] for variant, key, _ in groups]
-        bars = axes[0].bar([index + offset for index in range(len(groups))], values, 0.4, color=colors[name], label=MODEL_LABELS[name])
-        if name == "flashsloth":
-            for bar, (variant, key, _) in zip(bars, groups):
-                axes[0].annotate(
-                    f"{variants[variant]['advantage'][key]:.1f}x",
-                    (bar.get_x() + bar.get_width(), max(variants[variant]["peer"][key], bar.get_height())),
-                    ha="center",
-                    va="bottom",
-                    fontsize=8,
-                )
+    labelled = set()
+    for index, (variant, key, _) in enumerate(groups):
+        names = ["flashsloth", *(peer for peer in peers_in(variants[variant]) if key in variants[variant][peer])]
+        width = 0.8 / len(names)
+        for position, name in enumerate(names):
+            value = variants[variant][name][key]
+            x = index - 0.4 + width * (position + 0.5)
+            label = None if name in labelled else MODEL_LABELS[name]
+            labelled.add(name)
+            axes[0].bar(x, value, width, color=colors[name], label=label)
+            if name != "flashsloth":
+                advantage = variants[variant][ADVANTAGE_KEYS[name]][key]
+                axes[0].annotate(f"{advantage:.1f}x", (x, value), ha="center", va="bottom", fontsize=8)
     axes[0].set_xticks(range(len(groups)), [f"{variant}\n{label}" for variant, _, label in groups], fontsize=8)
     axes[0].set_ylabel("seconds (batch 1)")
     axes[0].set_title("time to first token and response time")
-    axes[0].legend()
+    axes[0].set_ylim(top=1.35 * axes[0].get_ylim()[1])  # room for the legend above the bars
+    axes[0].legend(fontsize=8, loc="upper right")
 
-    names = [(variant, name) for variant in variants for name in MODEL_NAMES]
+    names = [(variant, name) for variant in variants for name in ("flashsloth", *peers_in(variants[variant]))]
     axes[1].barh(
         [f"{MODEL_LABELS[name]} ({variant})" for variant, name in names],
         [variants[variant][name]["prefill_flops"] / 1e9 for variant, name in names],
@@ -1052,7 +1206,8 @@ def plot_report(report: dict, path: str):
     axes[2].set_title("throughput")
     if axes[2].lines:
         axes[2].legend()
-    figure.suptitle(f"FlashSloth vs an uncompressed peer: size {report['size']}, {report['device']}, {report['dtype']}")
+    peers = "peers" if any(TILED_PEER in results for results in variants.values()) else "an uncompressed peer"
+    figure.suptitle(f"FlashSloth vs {peers}: size {report['size']}, {report['device']}, {report['dtype']}")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     pyplot.close(figure)
@@ -1112,6 +1267,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         help="base: one 384x384 crop per image (81+9 tokens vs 729); hd: 5 crops (405+9 vs 3645) (default: both).",
     )
     parser.add_argument(
+        "--smolvlm",
+        action="store_true",
+        help="Also time a SmolVLM-sized native peer (transformers' SmolVLM: SigLIP so400m tiles, SmolLM2-1.7B) at its "
+        "processor's default tiling, 4x4 tiles + the whole image = 1377 tokens; base variant, batch 1, no goals.",
+    )
+    parser.add_argument(
         "--repeats",
         type=_positive_int,
         default=3,
@@ -1163,7 +1324,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
 BENCH_DESCRIPTION = (
     "Time FlashSloth against an uncompressed peer (transformers' Llava with the same SigLIP, projector and Phi, all "
     "729 patch tokens per crop): counted prefill FLOPs, time to first token, decode speed, short and long response "
-    "times, throughput per batch size, KV-cache size and peak memory. Random weights; prints a markdown table."
+    "times, throughput per batch size, KV-cache size and peak memory; optionally also against a SmolVLM-sized peer. "
+    "Random weights; prints a markdown table."
 )
 
 
@@ -1181,6 +1343,7 @@ def _settings_from_args(args: argparse.Namespace) -> BenchmarkSettings:
         attn_implementation=args.attn,
         compile=args.compile,
         variants=tuple(dict.fromkeys(args.variants)),
+        tiled_peer=args.smolvlm,
         repeats=args.repeats,
         long_repeats=args.long_repeats,
         batch_repeats=args.batch_repeats,

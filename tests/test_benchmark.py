@@ -10,17 +10,22 @@ import torch
 from flashsloth import cli
 from flashsloth.benchmark import (
     MODEL_NAMES,
+    SMOLVLM_TOKEN_IDS,
+    TILED_PEER,
     VARIANT_CROPS,
     BenchmarkSettings,
     PromptLayout,
     benchmark_configs,
     build_inputs,
     build_models,
+    build_tiled_peer,
+    build_tiled_peer_inputs,
     evaluate_goals,
     format_markdown,
     generation_kwargs,
     main,
     operator_counter,
+    tiled_peer_config,
 )
 
 
@@ -36,7 +41,7 @@ def bench_run(tmp_path_factory):
     argv = ["--size", "tiny", "--device", "cpu", "--repeats", "1", "--batch-sizes", "1", "2", "--threads", "1"]
     argv += ["--short-new-tokens", str(SHORT), "--long-new-tokens", str(LONG)]
     argv += ["--json", str(paths["json"]), "--markdown", str(paths["md"]), "--plot", str(paths["png"])]
-    argv += ["--profile", str(folder)]
+    argv += ["--profile", str(folder), "--smolvlm"]
     assert main(argv) == 0
     return json.loads(paths["json"].read_text()), paths
 
@@ -96,25 +101,46 @@ def expected_prefill_flops(config, model_name, crops):
     return flops + sap + projector + embq + phi_flops(text, tokens + pooled + queries)
 
 
+def expected_tiled_peer_flops(config):
+    """SigLIP on 17 tiles, the pixel shuffle's linear projection (9 patches per token), a Llama decoder (gated MLP)."""
+    vision, text = config.vision_config, config.text_config
+    tiles, tile_tokens = 17, (vision.image_size // vision.patch_size // config.scale_factor) ** 2
+    tokens = LAYOUT.text_tokens + tiles * tile_tokens + 16 * 2 + 4 + 4
+    connector = linear(tiles * tile_tokens, vision.hidden_size * config.scale_factor**2, text.hidden_size)
+    width, heads, head_dim = text.hidden_size, text.num_attention_heads, text.head_dim
+    kv_width = text.num_key_value_heads * head_dim
+    layer = 2 * linear(tokens, width, width) + 2 * linear(tokens, width, kv_width)
+    layer += 3 * linear(tokens, width, text.intermediate_size) + attention(heads, tokens, tokens, head_dim)
+    lm_head = linear(1, width, text.vocab_size)
+    return siglip_flops(vision, tiles, vision.num_hidden_layers) + connector + text.num_hidden_layers * layer + lm_head
+
+
 def test_outputs_are_well_formed(bench_run):
     report, paths = bench_run
     assert report["size"] == "tiny" and report["dtype"] == "float32"
     assert set(report["variants"]) == {"base", "hd"}
+    # The SmolVLM-sized peer runs in the base variant only, at batch 1 only.
+    assert TILED_PEER in report["variants"]["base"] and TILED_PEER not in report["variants"]["hd"]
     for variant, results in report["variants"].items():
-        for name in MODEL_NAMES:
+        names = [*MODEL_NAMES, TILED_PEER] if variant == "base" else list(MODEL_NAMES)
+        for name in names:
             entry = results[name]
             assert 0 < entry["ttft_s"] < entry[f"response_{SHORT}_s"]
             assert entry["decode_ms_per_token"] > 0
             assert entry["peak_memory_bytes"] >= entry["weight_bytes"] > 0
             assert len(entry["samples_s"]["ttft"]) == 1
-            batches = {"1", "2"} if variant == "base" else {"1"}
+            batches = {"1", "2"} if variant == "base" and name != TILED_PEER else {"1"}
             assert set(entry["throughput_tokens_per_s"]) == batches
             assert all(value > 0 for value in entry["throughput_tokens_per_s"].values())
             assert (f"response_{LONG}_s" in entry) == (variant == "base")  # long answers: base variant only
         parts = results["flashsloth"]["prefill_parts_s"]
         assert 0 < parts["sap"] + parts["embq"] < parts["prefill"]
-        advantage = results["advantage"]
-        assert advantage["ttft_s"] == pytest.approx(results["peer"]["ttft_s"] / results["flashsloth"]["ttft_s"])
+        for peer, advantage_key in (("peer", "advantage"), (TILED_PEER, "advantage_smolvlm")):
+            if peer in results:
+                advantage = results[advantage_key]
+                assert advantage["ttft_s"] == pytest.approx(results[peer]["ttft_s"] / results["flashsloth"]["ttft_s"])
+                assert advantage[f"response_{SHORT}_s"] > 0
+    assert set(report["variants"]["base"]["advantage_smolvlm"]["throughput_tokens_per_s"]) == {"1"}
     goals = {goal["name"]: goal for goal in report["goals"]}
     assert "base: TTFT ratio / counted-FLOP ratio" in goals and "base: throughput at batch 2, FlashSloth / peer" in goals
     assert all(isinstance(goal["met"], bool) for goal in goals.values())
@@ -122,9 +148,11 @@ def test_outputs_are_well_formed(bench_run):
     markdown = paths["md"].read_text()
     assert markdown == format_markdown(report)
     table = [line for line in markdown.splitlines() if line.startswith("| ") and "goal" not in line]
-    metric_rows = [line for line in table if line.count("|") == 8]  # metric + 2 variants x 3 columns
-    assert len(metric_rows) >= 12 and metric_rows[0].startswith("| metric | FlashSloth |")
-    assert any(line.startswith("| visual tokens per image | 90 | 729 |") for line in metric_rows)
+    metric_rows = [line for line in table if line.count("|") == 10]  # metric + base's 5 columns + hd's 3
+    assert len(metric_rows) >= 12 and metric_rows[0].startswith("| metric | FlashSloth | peer (1 x 729) | advantage |")
+    assert "| SmolVLM-sized (17 tiles) | advantage | FlashSloth HD |" in metric_rows[0]
+    assert any(line.startswith("| visual tokens per image | 90 | 729 | **8.10x** | 1,377 | **15.30x** | 414 |") for line in metric_rows)
+    assert any(line.startswith("| throughput, batch 2 (tokens/s, 3 new) |") and "| – | – |" in line for line in metric_rows)
     assert sum(line.count("|") == 5 for line in table) == len(goals)  # the goal table, one row per goal
 
     png = paths["png"].read_bytes()
@@ -144,6 +172,11 @@ def test_visual_tokens_follow_the_configs(bench_run, configs):
         assert results["peer"]["visual_tokens"] == 729 * crops
         assert results["flashsloth"]["prompt_tokens"] == LAYOUT.text_tokens + 81 * crops + 9
         assert results["peer"]["prompt_tokens"] == LAYOUT.text_tokens + 729 * crops
+    # 4 x 4 tiles and the whole image, 81 tokens each; each tile opens with 2 markers, each row ends with a newline,
+    # the whole image has a newline and 3 markers around it.
+    tiled = report["variants"]["base"][TILED_PEER]
+    assert tiled["visual_tokens"] == 17 * 81
+    assert tiled["prompt_tokens"] == LAYOUT.text_tokens + 17 * 81 + 16 * 2 + 4 + 4
     assert LAYOUT.text_tokens == 50 and LAYOUT.prefix_tokens == 32  # the real one-turn prompt with Phi-2's tokenizer
 
 
@@ -157,6 +190,9 @@ def test_kv_cache_bytes_are_the_formula_and_what_the_cache_holds(bench_run, conf
             expected = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * entry["prompt_tokens"] * 4
             assert entry["kv_cache_bytes"] == entry["kv_cache_bytes_measured"] == expected
     assert report["variants"]["base"]["advantage"]["kv_cache_bytes"] == pytest.approx(779 / 140)
+    tiled, text = report["variants"]["base"][TILED_PEER], tiled_peer_config("tiny").text_config
+    expected = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * tiled["prompt_tokens"] * 4
+    assert tiled["kv_cache_bytes"] == tiled["kv_cache_bytes_measured"] == expected
 
 
 def test_counted_prefill_flops_equal_hand_counts(bench_run, configs):
@@ -164,12 +200,13 @@ def test_counted_prefill_flops_equal_hand_counts(bench_run, configs):
     for variant, crops in VARIANT_CROPS.items():
         for name in MODEL_NAMES:
             assert report["variants"][variant][name]["prefill_flops"] == expected_prefill_flops(configs[0], name, crops)
+    assert report["variants"]["base"][TILED_PEER]["prefill_flops"] == expected_tiled_peer_flops(tiled_peer_config("tiny"))
 
 
 def test_profile_writes_a_trace_and_an_operator_table_per_model(bench_run):
     report, paths = bench_run
     profile = report["profile"]
-    assert profile["variant"] == "base" and set(profile["models"]) == set(MODEL_NAMES)
+    assert profile["variant"] == "base" and set(profile["models"]) == {*MODEL_NAMES, TILED_PEER}
     for name, summary in profile["models"].items():
         assert summary["wall_s"] > 0 and "device_busy_s" not in summary  # on the CPU: no device time to report
         trace = json.loads(open(summary["trace"]).read())
@@ -195,6 +232,7 @@ def test_prefill_operators_are_counted_for_both_models(bench_run):
         # Same vision tower and decoder depth: FlashSloth adds SAP, EmbQ and their layout, never fewer operators.
         assert ours > peer > 0
         assert results["advantage"]["prefill_operators"] == pytest.approx(peer / ours)
+    assert bench_run[0]["variants"]["base"][TILED_PEER]["prefill_operators"] > 0
 
 
 def test_full_size_flop_ratios_are_the_issue_ceilings():
@@ -218,6 +256,42 @@ def test_peer_is_native_llava_on_flashsloths_own_modules():
         peer_features = peer.get_image_features(inputs["pixel_values"]).pooler_output
     assert len(peer_features) == 5 and peer_features[0].shape == (729, flashsloth.config.text_config.hidden_size)
     torch.testing.assert_close(torch.stack(peer_features), expected)
+
+
+def test_tiled_peer_is_native_smolvlm_at_its_default_tiling():
+    """The SmolVLM-sized peer is transformers' SmolVLM, and its prompt is what SmolVLM's own processor makes of a
+    square image at SmolVLM-Instruct's settings (longest edge 4 x 384, 384-pixel tiles): 4 x 4 tiles plus the whole
+    image, laid out token for token like `get_image_prompt_string`."""
+    import re
+
+    import numpy
+    from PIL import Image
+    from transformers import SmolVLMImageProcessor
+    from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
+
+    model = build_tiled_peer("tiny", torch.float32, "cpu")
+    assert type(model).__name__ == "SmolVLMForConditionalGeneration"
+    config = model.config
+    image = Image.fromarray(numpy.random.default_rng(0).integers(0, 255, (384, 384, 3), dtype=numpy.uint8))
+    processor = SmolVLMImageProcessor(size={"longest_edge": 4 * 384}, max_image_size={"longest_edge": 384})
+    processed = processor(images=[[image]], return_row_col_info=True, return_tensors="pt")
+    assert processed["rows"] == [[4]] and processed["cols"] == [[4]]
+
+    inputs = build_tiled_peer_inputs(config, 2, LAYOUT)
+    assert inputs["pixel_values"].shape == (2, *processed["pixel_values"].shape[1:])  # (batch, 17, 3, 384, 384)
+    prompt = get_image_prompt_string(4, 4, 81, "<fake_token_around_image>", "<image>", "<global-img>")
+    ids = SMOLVLM_TOKEN_IDS
+    names = {"<fake_token_around_image>": ids["fake"], "<image>": ids["image"], "<global-img>": ids["global"], "\n": ids["newline"]}
+    names.update({f"<row_{row + 1}_col_{col + 1}>": ids["first_row_col"] + 4 * row + col for row in range(4) for col in range(4)})
+    expected = [names[token] for token in re.findall(r"<[^>]+>|\n", prompt)]
+    image_start = LAYOUT.prefix_tokens
+    for sample in inputs["input_ids"]:
+        assert sample[image_start : image_start + len(expected)].tolist() == expected
+        assert sample.shape[0] == LAYOUT.text_tokens + len(expected)
+
+    with torch.inference_mode():
+        features = model.get_image_features(inputs["pixel_values"]).pooler_output
+    assert len(features) == 2 and features[0].shape == (17 * 81, config.text_config.hidden_size)
 
 
 def test_the_batching_goal_needs_a_batch_above_one(bench_run):
@@ -257,7 +331,7 @@ def test_decoding_steps_skip_the_vision_tower_and_embq(monkeypatch):
 def test_compiled_run_covers_every_prompt_with_one_prefill_chunk(tmp_path, bench_run):
     """`--compile`: the prefill chunk is at least the longest prompt (the peer's HD one), so `generate` runs each
     prefill whole through the compiled forward (tests/test_modeling.py checks that path). A compiled run on the CPU
-    (inductor) completes and counts what the eager run counts."""
+    (inductor), the SmolVLM-sized peer included, completes and counts what the eager run counts."""
     settings = BenchmarkSettings(size="tiny", device="cpu", compile=True)
     config = benchmark_configs("tiny")[0]
     kwargs = generation_kwargs(config, settings, "cpu")
@@ -267,11 +341,11 @@ def test_compiled_run_covers_every_prompt_with_one_prefill_chunk(tmp_path, bench
 
     path = tmp_path / "compiled.json"
     argv = ["--size", "tiny", "--device", "cpu", "--compile", "--variants", "base", "--batch-sizes", "1"]
-    argv += ["--repeats", "1", "--long-repeats", "0", "--short-new-tokens", str(SHORT), "--json", str(path)]
+    argv += ["--repeats", "1", "--long-repeats", "0", "--short-new-tokens", str(SHORT), "--json", str(path), "--smolvlm"]
     assert main(argv) == 0
     compiled, eager = json.loads(path.read_text()), bench_run[0]
     assert compiled["compile"] and not eager["compile"]
-    for name in MODEL_NAMES:
+    for name in (*MODEL_NAMES, TILED_PEER):  # SmolVLM's own prefill breaks the graph (it filters tiles by value)
         result, reference = compiled["variants"]["base"][name], eager["variants"]["base"][name]
         assert result["prefill_flops"] == reference["prefill_flops"]
         assert result["ttft_s"] > 0
