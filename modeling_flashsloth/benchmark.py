@@ -39,7 +39,7 @@ from .cli_errors import CliError
 SIZES = ("tiny", "small", "full")
 VARIANTS = ("base", "hd")
 MODEL_NAMES = ("flashsloth", "peer")
-TILED_PEER = "smolvlm"  # the optional SmolVLM-sized peer, base variant only
+TILED_PEER = "smolvlm"  # the optional SmolVLM-sized peer, in one variant only (base unless HD runs alone)
 MODEL_LABELS = {"flashsloth": "FlashSloth", "peer": "uncompressed peer", TILED_PEER: "SmolVLM-sized peer"}
 ADVANTAGE_KEYS = {"peer": "advantage", TILED_PEER: "advantage_smolvlm"}  # FlashSloth's advantage over each peer
 VARIANT_CROPS = {"base": 1, "hd": 5}
@@ -738,8 +738,8 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
     4. long answers at batch 1 (base variant), `long_repeats` rounds: response time and decode speed;
     5. short answers at every batch size above 1 (base variant), `batch_repeats` rounds: throughput.
 
-    The SmolVLM-sized peer (`tiled_peer`) runs in the base variant only (its tiling does not depend on the image size)
-    and at batch 1 only (17 tiles per image make large batches slow on a CPU).
+    The SmolVLM-sized peer (`tiled_peer`) runs in one variant only, base unless HD runs alone (its tiling does not depend
+    on the image size), and at batch 1 only (17 tiles per image make large batches slow on a CPU).
     """
     import torch
     from tqdm.auto import tqdm
@@ -1270,7 +1270,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         "--smolvlm",
         action="store_true",
         help="Also time a SmolVLM-sized native peer (transformers' SmolVLM: SigLIP so400m tiles, SmolLM2-1.7B) at its "
-        "processor's default tiling, 4x4 tiles + the whole image = 1377 tokens; base variant, batch 1, no goals.",
+        "processor's default tiling, 4x4 tiles + the whole image = 1377 tokens; base variant (HD when it runs alone), batch 1, no goals.",
     )
     parser.add_argument(
         "--repeats",

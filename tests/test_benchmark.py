@@ -356,7 +356,7 @@ def test_cli_registers_bench_and_rejects_bad_settings(capsys):
         cli.main(["bench", "--help"])
     help_text = capsys.readouterr().out
     options = ("--size", "--variants", "--batch-sizes", "--long-new-tokens", "--json", "--markdown", "--plot", "--compile")
-    for option in (*options, "--profile"):
+    for option in (*options, "--profile", "--smolvlm"):
         assert option in help_text
     assert cli.main(["bench", "--short-new-tokens", "8", "--long-new-tokens", "4"]) == 2
     assert "long answers more than short ones" in capsys.readouterr().err
