@@ -249,16 +249,15 @@ def tiled_peer_config(size: str):
 
     spec = SIZE_SPECS[size]
     vision_layers, text_layers = spec.tiled_peer_layers
-    vision_config = {
-        key: value for key, value in {**SIGLIP_SO400M_384, **spec.vision}.items() if key not in ("model_type", "vision_use_head")
-    }
+    vision_config = {**SIGLIP_SO400M_384, **spec.vision}
+    vision_config = {key: value for key, value in vision_config.items() if key not in ("model_type", "vision_use_head")}
     text_config = {**SMOLLM2_1_7B, **spec.text, "max_position_embeddings": MAX_POSITIONS}
     return SmolVLMConfig(
         vision_config={**vision_config, "num_hidden_layers": vision_layers},
         text_config={**text_config, "num_hidden_layers": text_layers},
         scale_factor=SMOLVLM_SCALE_FACTOR,
         image_token_id=SMOLVLM_TOKEN_IDS["image"],
-        pad_token_id=SMOLLM2_1_7B["pad_token_id"],  # SmolVLMConfig's own default is a Llama-3 id, outside this vocabulary
+        pad_token_id=SMOLLM2_1_7B["pad_token_id"],  # SmolVLMConfig's default is a Llama-3 id, outside this vocabulary
         tie_word_embeddings=False,
     )
 
@@ -774,10 +773,11 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
     def inputs_for(variant: str, name: str, batch_size: int = 1) -> dict:
         key = (variant, name, batch_size)
         if key not in inputs_cache:
+            layout, seed = settings.layout, settings.seed
             if name == TILED_PEER:
-                built = build_tiled_peer_inputs(models[name].config, batch_size, settings.layout, seed=settings.seed)
+                built = build_tiled_peer_inputs(models[name].config, batch_size, layout, seed=seed)
             else:
-                built = build_inputs(config, name, VARIANT_CROPS[variant], batch_size, settings.layout, seed=settings.seed)
+                built = build_inputs(config, name, VARIANT_CROPS[variant], batch_size, layout, seed=seed)
             inputs_cache[key] = move_inputs(built, device, dtype)
         return inputs_cache[key]
 
@@ -1046,7 +1046,9 @@ def table_rows(report: dict) -> list[tuple[str, list[str]]]:
     settings = report["settings"]
     short, long = settings["short_new_tokens"], settings["long_new_tokens"]
     variants = report["variants"]
-    batches = sorted({int(batch) for results in variants.values() for batch in results["flashsloth"]["throughput_tokens_per_s"]})
+    batches = sorted(
+        {int(batch) for results in variants.values() for batch in results["flashsloth"]["throughput_tokens_per_s"]}
+    )
 
     def comparison(results: dict, peer: str, path: tuple[str, ...], kind: str | None) -> str:
         ours, theirs = _lookup(results["flashsloth"], path), _lookup(results[peer], path)
@@ -1085,12 +1087,14 @@ def table_rows(report: dict) -> list[tuple[str, list[str]]]:
         label = f"throughput, batch {batch} (tokens/s, {short} new)"
         rows.append((label, row(("throughput_tokens_per_s", str(batch)), "{:,.2f}".format)))
     for batch in (batch for batch in batches if batch > 1):
-        rows.append((f"peak memory, batch {batch}", row(("peak_memory_bytes_by_batch", str(batch)), _format_bytes, "peer / ours")))
+        memory = row(("peak_memory_bytes_by_batch", str(batch)), _format_bytes, "peer / ours")
+        rows.append((f"peak memory, batch {batch}", memory))
     for part, label in (("vision", "vision tower"), ("decoder", "decoder layers")):
         rows.append((f"prefill GFLOP/s, {label}", row(("prefill_gflops_per_s", part), "{:,.1f}".format, "ours / peer")))
     shares = []
     for results in variants.values():
-        shares += [f"{100 * sap_embq_share(results['flashsloth']['prefill_parts_s']):.2f}%"] + ["", ""] * len(peers_in(results))
+        share = sap_embq_share(results["flashsloth"]["prefill_parts_s"])
+        shares += [f"{100 * share:.2f}%"] + ["", ""] * len(peers_in(results))
     rows.append(("SAP + EmbQ share of prefill", shares))
     return rows
 
@@ -1110,7 +1114,8 @@ def format_markdown(report: dict) -> str:
     for variant, results in report["variants"].items():
         crops = VARIANT_CROPS[variant]
         header.append("FlashSloth HD" if variant == "hd" else "FlashSloth")
-        peer_headers = {"peer": f"peer ({crops} x 729)", TILED_PEER: f"SmolVLM-sized ({SMOLVLM_TILE_GRID**2 + 1} tiles)"}
+        tiles = SMOLVLM_TILE_GRID**2 + 1
+        peer_headers = {"peer": f"peer ({crops} x 729)", TILED_PEER: f"SmolVLM-sized ({tiles} tiles)"}
         for peer in peers_in(results):
             header += [peer_headers[peer], "advantage"]
         separator += ["---:"] * (1 + 2 * len(peers_in(results)))
@@ -1270,7 +1275,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         "--smolvlm",
         action="store_true",
         help="Also time a SmolVLM-sized native peer (transformers' SmolVLM: SigLIP so400m tiles, SmolLM2-1.7B) at its "
-        "processor's default tiling, 4x4 tiles + the whole image = 1377 tokens; base variant (HD when it runs alone), batch 1, no goals.",
+        "processor's default tiling, 4x4 tiles + the whole image = 1377 tokens; base variant (HD when it runs alone), "
+        "batch 1, no goals.",
     )
     parser.add_argument(
         "--repeats",
