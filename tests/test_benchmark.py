@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flashsloth import cli
-from flashsloth.benchmark import (
+from flashsloth.bench import (
     MODEL_NAMES,
     SMOLVLM_TOKEN_IDS,
     TILED_PEER,

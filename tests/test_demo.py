@@ -36,8 +36,8 @@ PACKAGE_DIR = Path(flashsloth.__file__).resolve().parent
 REMOTE_CODE_SOURCES = {
     "configuration_flashsloth.py": PACKAGE_DIR / "configuration_flashsloth.py",
     "modeling_flashsloth.py": PACKAGE_DIR / "modeling_flashsloth.py",
-    "image_processing_flashsloth.py": PACKAGE_DIR.parent / "processing" / "image_processing_flashsloth.py",
-    "processing_flashsloth.py": PACKAGE_DIR.parent / "processing" / "processing_flashsloth.py",
+    "image_processing_flashsloth.py": PACKAGE_DIR / "processing" / "image_processing_flashsloth.py",
+    "processing_flashsloth.py": PACKAGE_DIR / "processing" / "processing_flashsloth.py",
 }
 
 
@@ -316,7 +316,7 @@ def test_demo_model_is_small_and_carries_the_current_remote_code():
     size = sum(path.stat().st_size for path in DEMO_MODEL_DIR.rglob("*") if path.is_file())
     assert size <= 25 * 2**20
     for name, source in REMOTE_CODE_SOURCES.items():
-        assert filecmp.cmp(DEMO_MODEL_DIR / name, source, shallow=False), f"demo_model/{name} is stale: re-save it"
+        assert filecmp.cmp(DEMO_MODEL_DIR / name, source, shallow=False), f"demo/model/{name} is stale: re-save it"
 
 
 def test_demo_model_answers_held_out_questions_better_than_chance():

@@ -28,10 +28,10 @@ from processing_helpers import make_tiny_processor
 
 ROOT = Path(__file__).resolve().parents[1]
 REMOTE_CODE_FILES = [
-    ROOT / "modeling_flashsloth" / "configuration_flashsloth.py",
-    ROOT / "modeling_flashsloth" / "modeling_flashsloth.py",
-    ROOT / "processing" / "image_processing_flashsloth.py",
-    ROOT / "processing" / "processing_flashsloth.py",
+    ROOT / "flashsloth" / "configuration_flashsloth.py",
+    ROOT / "flashsloth" / "modeling_flashsloth.py",
+    ROOT / "flashsloth" / "processing" / "image_processing_flashsloth.py",
+    ROOT / "flashsloth" / "processing" / "processing_flashsloth.py",
 ]
 
 # Modules whose mere import is refused: network, processes, native code, (de)serialisation of code, file trees.

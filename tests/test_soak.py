@@ -6,7 +6,7 @@ import json
 import pytest
 
 from flashsloth.cli import build_parser
-from flashsloth.reliability import REQUEST_KINDS, main
+from flashsloth.bench.soak import REQUEST_KINDS, main
 from model_helpers import save_tiny_checkpoint
 from processing_helpers import make_tiny_processor
 
@@ -44,4 +44,4 @@ def test_growth_above_the_limit_and_bad_arguments_are_one_line_errors(checkpoint
 
 def test_registered_as_a_flashsloth_subcommand():
     args = build_parser().parse_args(["check-memory", "--model", "folder/"])
-    assert args.handler.__module__ == "flashsloth.reliability" and args.calls == 300 and args.max_growth == 5.0
+    assert args.handler.__module__ == "flashsloth.bench.soak" and args.calls == 300 and args.max_growth == 5.0

@@ -33,7 +33,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-from .cli_errors import CliError
+from ..cli_errors import CliError
 
 
 SIZES = ("tiny", "small", "full")
@@ -182,7 +182,7 @@ def benchmark_configs(size: str):
     """The FlashSloth config of a benchmark size and the config of its uncompressed peer (a `LlavaConfig`)."""
     from transformers import LlavaConfig
 
-    from .configuration_flashsloth import PHI_2, SIGLIP_SO400M_384, FlashSlothConfig
+    from ..configuration_flashsloth import PHI_2, SIGLIP_SO400M_384, FlashSlothConfig
 
     spec = SIZE_SPECS[size]
     flashsloth_config = FlashSlothConfig(
@@ -217,7 +217,7 @@ def build_models(size: str, dtype, device, attn_implementation: str = "sdpa", se
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    from .modeling_flashsloth import FlashSlothForConditionalGeneration
+    from ..modeling_flashsloth import FlashSlothForConditionalGeneration
 
     flashsloth_config, peer_config = benchmark_configs(size)
     torch.manual_seed(seed)
@@ -245,7 +245,7 @@ def tiled_peer_config(size: str):
     FlashSloth's, SmolLM2-1.7B, both depths cut like FlashSloth's."""
     from transformers import SmolVLMConfig
 
-    from .configuration_flashsloth import SIGLIP_SO400M_384
+    from ..configuration_flashsloth import SIGLIP_SO400M_384
 
     spec = SIZE_SPECS[size]
     vision_layers, text_layers = spec.tiled_peer_layers
@@ -598,7 +598,7 @@ def time_prefill_parts(model, inputs: dict, repeats: int, device) -> dict[str, f
     """
     import torch
 
-    from .modeling_flashsloth import build_query_block_layout
+    from ..modeling_flashsloth import build_query_block_layout
 
     parts = prefill_parts(model)
     spent = dict.fromkeys(parts, 0.0)

@@ -32,7 +32,7 @@ _PARTIAL_MARKER = ".partial-"
 def transformers_requirement() -> str:
     """The package's transformers requirement as written in `setup.cfg` (e.g. `transformers>=5.23,<6`), read from a
     source checkout's setup.cfg, else from the installed package's metadata."""
-    setup_cfg = Path(__file__).resolve().parents[1] / "setup.cfg"
+    setup_cfg = Path(__file__).resolve().parents[2] / "setup.cfg"
     if setup_cfg.is_file():
         requirements = re.findall(r"^\s+(transformers\b\S*)\s*$", setup_cfg.read_text(encoding="utf-8"), re.MULTILINE)
     else:
@@ -134,7 +134,7 @@ def _model_card_template_path() -> Path:
     """`model_card.md` of a source checkout (editable installs) or of an installed wheel (`<prefix>/share/flashsloth/`,
     see `data_files` in setup.cfg)."""
     candidates = [
-        Path(__file__).resolve().parents[1] / MODEL_CARD_NAME,
+        Path(__file__).resolve().parents[2] / MODEL_CARD_NAME,
         Path(sys.prefix) / "share" / "flashsloth" / MODEL_CARD_NAME,
         Path(site.getuserbase()) / "share" / "flashsloth" / MODEL_CARD_NAME,  # pip install --user
     ]

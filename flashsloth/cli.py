@@ -19,8 +19,8 @@ SUBCOMMAND_MODULES = (
     "flashsloth.training.cli",
     "flashsloth.conversion.cli",
     "flashsloth.demo",
-    "flashsloth.benchmark",
-    "flashsloth.reliability",
+    "flashsloth.bench",
+    "flashsloth.bench.soak",
 )
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_CHOICES = ("sdpa", "eager", "flash_attention_2")

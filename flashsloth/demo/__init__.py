@@ -15,10 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from .cli_errors import CliError
+from ..cli_errors import CliError
 
 
-DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "model"
 VARIANTS = {
     "full": {},
     "average-pooling": {"pooling_type": "average"},
@@ -101,7 +101,7 @@ RECIPE_HELP = {
 
 def check_recipe(recipe: dict) -> None:
     """Raise a `ValueError` naming every recipe value that cannot train (before any data is generated)."""
-    from .training import synthetic
+    from ..training import synthetic
 
     unknown = sorted(set(recipe) - set(RECIPE_HELP))
     problems = [f"unknown recipe keys {unknown}; the recipe has {sorted(RECIPE_HELP)}"] if unknown else []
@@ -134,7 +134,7 @@ def check_recipe(recipe: dict) -> None:
 def kind_cycle(kind_mix: str) -> tuple[str, ...]:
     """The question kinds that stage-2 samples cycle through for a mix such as `"color:2,count:1"` (every kind once
     per share: `("color", "color", "count")`); kinds left out of the mix get no questions."""
-    from .training.synthetic import QUESTION_KINDS
+    from ..training.synthetic import QUESTION_KINDS
 
     shares = {}
     for item in str(kind_mix).split(","):
@@ -157,7 +157,7 @@ def train_demo_tokenizer(texts, vocab_size: int, model_max_length: int = 256):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from .processing import add_flashsloth_tokens
+    from ..processing import add_flashsloth_tokens
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -184,7 +184,7 @@ def demo_chat_template() -> str:
     """FlashSloth's chat template with [`DEMO_SYSTEM_PROMPT`] as its default system prompt."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    from .processing import DEFAULT_CHAT_TEMPLATE
+    from ..processing import DEFAULT_CHAT_TEMPLATE
 
     (rendered,), _ = render_jinja_template(conversations=[[]], chat_template=DEFAULT_CHAT_TEMPLATE)
     default_system_prompt = rendered.strip()
@@ -198,7 +198,7 @@ def tokenizer_corpus(records: list[dict], chat_template: str) -> list[str]:
     system prompt, the `USER:`/`ASSISTANT:` markers and the turns), without the placeholder tokens."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    from .training.data import llava_to_messages
+    from ..training.data import llava_to_messages
 
     conversations = [llava_to_messages(record["conversations"], has_image="image" in record) for record in records]
     rendered, _ = render_jinja_template(conversations=conversations, chat_template=chat_template)
@@ -208,7 +208,7 @@ def tokenizer_corpus(records: list[dict], chat_template: str) -> list[str]:
 def demo_processor(tokenizer, recipe: dict):
     """The demo checkpoint's processor for a tokenizer from [`train_demo_tokenizer`] (or the folder it was saved to):
     9 visual tokens per image, the demo chat template."""
-    from .processing import build_processor
+    from ..processing import build_processor
 
     return build_processor(
         tokenizer, image_size=recipe["image_size"], num_image_tokens_per_crop=9, chat_template=demo_chat_template()
@@ -217,7 +217,7 @@ def demo_processor(tokenizer, recipe: dict):
 
 def build_demo_model(processor, recipe: dict, variant: str = "full"):
     """A randomly initialised tiny FlashSloth for `processor`: SigLIP-shaped encoder, Phi-shaped decoder."""
-    from . import FlashSlothConfig, FlashSlothForConditionalGeneration
+    from .. import FlashSlothConfig, FlashSlothForConditionalGeneration
 
     tokenizer = processor.tokenizer
     text_layers = recipe["text_layers"]
@@ -269,8 +269,8 @@ def train_demo_model(output_dir: str | os.PathLike, work_dir: str | os.PathLike,
     written to `output_dir`. The stages run data-parallel in `processes` worker processes of one thread each (see
     [`train_demo_stages`]). Returns `(model, processor, seconds)`.
     """
-    from . import FlashSlothForConditionalGeneration
-    from .training.trainer import save_trained_model
+    from .. import FlashSlothForConditionalGeneration
+    from ..training.trainer import save_trained_model
 
     recipe = {**demo_recipe_defaults(), **overrides}
     check_recipe(recipe)
@@ -347,9 +347,9 @@ def train_demo_stages(recipe: dict, variant: str, work_dir: str, data_paths: lis
     """
     from transformers import set_seed
 
-    from .training.data import LlavaDataset
-    from .training.encoder import SlotLabelDataset, pretrain_encoder
-    from .training.trainer import train
+    from ..training.data import LlavaDataset
+    from ..training.encoder import SlotLabelDataset, pretrain_encoder
+    from ..training.trainer import train
 
     work_dir = Path(work_dir)
     captions, questions, anneal_questions = (Path(path) if path else None for path in data_paths)
@@ -430,7 +430,7 @@ def generate_recipe_data(recipe: dict, work_dir: Path) -> tuple[Path, Path, Path
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_all_start_methods, get_context
 
-    from .training import synthetic
+    from ..training import synthetic
 
     common = {"image_size": 2 * recipe["image_size"], "save_size": recipe["image_size"]}
     jobs = {
@@ -481,7 +481,7 @@ def evaluate(model, processor, per_kind: int = 500, seed: int = EVAL_SEED, batch
     import torch
     from tqdm.auto import tqdm
 
-    from .training import synthetic
+    from ..training import synthetic
 
     image_size = processor.image_processor.size["height"]
     rng = random.Random(f"flashsloth-demo-eval-{seed}")
@@ -609,7 +609,7 @@ def run_demo(args: argparse.Namespace) -> None:
     from PIL import Image
     from transformers.utils import logging
 
-    from .training import synthetic
+    from ..training import synthetic
 
     if args.image and not os.path.isfile(args.image):
         raise CliError(f"image not found: {args.image}")
@@ -649,7 +649,7 @@ def run_demo(args: argparse.Namespace) -> None:
 
 
 def run_demo_train(args: argparse.Namespace) -> None:
-    from .conversion.export import check_output_dir
+    from ..conversion.export import check_output_dir
 
     recipe = {name: getattr(args, name) for name in demo_recipe_defaults()}
     try:
@@ -664,7 +664,7 @@ def run_demo_train(args: argparse.Namespace) -> None:
 
 def format_scores(rows: dict[str, dict]) -> str:
     """A markdown table of accuracies: one row per model, one column per question kind."""
-    from .training.synthetic import QUESTION_KINDS
+    from ..training.synthetic import QUESTION_KINDS
 
     lines = ["| model | " + " | ".join(QUESTION_KINDS) + " | overall |", "|---" * (len(QUESTION_KINDS) + 2) + "|"]
     for name, scores in rows.items():
@@ -690,7 +690,7 @@ def plot_scores(rows: dict[str, dict], path: str | os.PathLike) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .training.synthetic import QUESTION_KINDS
+    from ..training.synthetic import QUESTION_KINDS
 
     figure, axes = plt.subplots(figsize=(8, 3.6))
     width = 0.8 / len(rows)

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from .cli_errors import EXIT_USAGE_ERROR, CliError
+from ..cli_errors import EXIT_USAGE_ERROR, CliError
 
 
 REQUEST_KINDS = ("one-image", "two-images", "text-only", "batch", "plain-prompt")
