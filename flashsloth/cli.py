@@ -18,8 +18,8 @@ from .demo import DEMO_MODEL_DIR
 SUBCOMMAND_MODULES = (
     "flashsloth.training.cli",
     "flashsloth.conversion.cli",
-    "flashsloth.demo",
-    "flashsloth.bench",
+    "flashsloth.demo.cli",
+    "flashsloth.bench.cli",
     "flashsloth.bench.soak",
 )
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")

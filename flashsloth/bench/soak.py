@@ -1,7 +1,7 @@
 """
 Reliability checks of a FlashSloth checkpoint.
 
-`flashsloth check-memory --model DIR` (or `python -m flashsloth.reliability check-memory --model DIR`) runs many
+`flashsloth check-memory --model DIR` (or `python -m flashsloth.bench.soak check-memory --model DIR`) runs many
 varied `image-text-to-text` pipeline calls (images of many sizes and aspect ratios, one or two images, text only,
 batches, plain prompts) and reports the process's resident memory after a warm-up and at the end as JSON. Memory that
 keeps growing after the warm-up is a leak; the check fails (exit code 2) above `--max-growth` percent.
@@ -15,7 +15,6 @@ import sys
 import time
 
 from ..cli_errors import EXIT_USAGE_ERROR, CliError
-
 
 REQUEST_KINDS = ("one-image", "two-images", "text-only", "batch", "plain-prompt")
 
@@ -172,7 +171,7 @@ def run_check_memory(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m flashsloth.reliability", description=__doc__.strip().split("\n\n")[0]
+        prog="python -m flashsloth.bench.soak", description=__doc__.strip().split("\n\n")[0]
     )
     add_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     args = parser.parse_args(argv)

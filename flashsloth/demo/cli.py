@@ -1,0 +1,217 @@
+"""`flashsloth demo`, `demo-train`, `demo-eval` and `demo-ablation`: the demo model's commands."""
+
+import argparse
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+
+from ..cli_errors import CliError
+from . import DEMO_MODEL_DIR
+from .evaluation import evaluate, format_scores, plot_scores, question_messages
+from .recipe import EVAL_SEED, RECIPE_HELP, VARIANTS, check_recipe, demo_recipe_defaults
+from .train import train_demo_model
+
+
+def add_commands(subparsers) -> None:
+    demo = subparsers.add_parser(
+        "demo",
+        help="Ask the embedded demo model about a freshly drawn scene of shapes (offline, a few seconds).",
+        description="Draw a random scene of coloured shapes (or take your image), ask the embedded demo model a "
+        "question about it and print the question, the model's answer and, for a drawn scene, the true answer. The "
+        "demo model is a tiny FlashSloth trained from scratch on such scenes: it answers questions about the colour, "
+        "shape, number, existence and position (left/right/top/bottom) of circles, squares and triangles.",
+    )
+    demo.add_argument("--image", help="Your own image instead of a drawn scene.")
+    demo.add_argument("--question", help="The question (default: a random question of --kind about the drawn scene).")
+    demo.add_argument(
+        "--kind",
+        choices=("color", "shape", "count", "exist", "position"),
+        help="Kind of the random question (default: any).",
+    )
+    demo.add_argument("--seed", type=int, help="Seed of the drawn scene and question (default: a random one).")
+    demo.add_argument("--save-image", metavar="PATH", help="Where to save the drawn scene (default: a temporary file).")
+    demo.add_argument("--model", default=str(DEMO_MODEL_DIR), help="Model folder (default: the embedded demo model).")
+    demo.set_defaults(handler=run_demo)
+
+    recipe = demo_recipe_defaults()
+    train_parser = subparsers.add_parser(
+        "demo-train",
+        help="Reproduce the demo model: synthetic data, tokenizer, model, stages 0, 1 and 2 on the CPU.",
+        description="Train a tiny FlashSloth from scratch on synthetic shape scenes: stage 0 pre-trains the encoder on "
+        "the scenes' labels (standing in for SigLIP's pre-training), then the paper's two stages: stage 1 trains SAP "
+        "and the projector on captions, stage 2 SAP, the projector, the query tokens, EmbQ and the language model on "
+        "questions mixed with captions (the encoder stays frozen unless --train-vision-tower). Writes an HF-native "
+        "folder. The defaults are the recipe of the embedded model.",
+    )
+    train_parser.add_argument("output", help="Folder for the trained model (must not exist, unless --force).")
+    train_parser.add_argument(
+        "--variant", choices=tuple(VARIANTS), default="full", help="Model variant (default: full)."
+    )
+    train_parser.add_argument("--work-dir", help="Folder for the generated data and runs (default: a temporary one).")
+    train_parser.add_argument("--force", action="store_true", help="Replace an existing output folder.")
+    for name, value in recipe.items():
+        kind = {"action": argparse.BooleanOptionalAction} if isinstance(value, bool) else {"type": type(value)}
+        help_text = f"{RECIPE_HELP[name]} (default: %(default)s)"
+        train_parser.add_argument(f"--{name.replace('_', '-')}", default=value, help=help_text, **kind)
+    train_parser.set_defaults(handler=run_demo_train)
+
+    eval_parser = subparsers.add_parser(
+        "demo-eval",
+        help="Score a model on fresh synthetic questions of each kind (exact match).",
+        description="Exact-match accuracy of a model on held-out synthetic questions (colour, shape, count, "
+        "existence, position), deterministic by seed; prints a table and optionally writes JSON.",
+    )
+    eval_parser.add_argument("--model", default=str(DEMO_MODEL_DIR), help="Model folder (default: the demo model).")
+    eval_parser.add_argument("--per-kind", type=int, default=500, help="Questions of each kind (default: %(default)s).")
+    eval_parser.add_argument(
+        "--seed", type=int, default=EVAL_SEED, help="Seed of the questions (default: %(default)s)."
+    )
+    eval_parser.add_argument("--json", metavar="PATH", help="Also write the scores as JSON.")
+    eval_parser.set_defaults(handler=run_demo_eval)
+
+    ablation = subparsers.add_parser(
+        "demo-ablation",
+        help="Train and score the demo recipe with SAP and EmbQ, with average pooling, and without EmbQ.",
+        description="Train each variant with the demo recipe and the same budget, score it on held-out questions "
+        "and write a markdown table, JSON and a PNG bar chart (needs matplotlib: pip install 'flashsloth[plot]'). "
+        "A variant already trained in OUTPUT/VARIANT with the same recipe is reused: an interrupted run goes on, and "
+        "the variants can be trained in parallel beforehand (flashsloth demo-train OUTPUT/no-embq --variant no-embq).",
+    )
+    ablation.add_argument("output", help="Folder for the models, the table, the JSON and the plot.")
+    ablation.add_argument("--per-kind", type=int, default=500, help="Questions of each kind (default: %(default)s).")
+    ablation.add_argument(
+        "--stage2-steps", type=int, default=recipe["stage2_steps"], help="Stage-2 steps of every variant."
+    )
+    ablation.add_argument(
+        "--anneal-steps",
+        type=int,
+        default=recipe["anneal_steps"],
+        help="Steps at the end of stage 2 of every variant (see demo-train --help).",
+    )
+    ablation.set_defaults(handler=run_demo_ablation)
+
+
+def _load(model_dir: str):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    if not Path(model_dir).is_dir():
+        raise CliError(f"model folder not found: {model_dir}")
+    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, trust_remote_code=True).eval()
+    return model, processor
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    import torch
+    from PIL import Image
+    from transformers.utils import logging
+
+    from ..training import synthetic
+
+    if args.image and not os.path.isfile(args.image):
+        raise CliError(f"image not found: {args.image}")
+    logging.disable_progress_bar()
+    model, processor = _load(args.model)
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+    rng = random.Random(f"flashsloth-demo-{seed}")
+    expected = None
+    if args.image:
+        try:
+            image, image_path = Image.open(args.image).convert("RGB"), args.image
+        except OSError as error:
+            raise CliError(f"cannot read the image {args.image}: {error}") from error
+        question = args.question or "How many shapes are there?"
+    else:
+        kinds = (args.kind,) if args.kind else synthetic.QUESTION_KINDS
+        scene, record = synthetic.make_sample(rng.randrange(len(kinds)), 2, rng, kinds=kinds)
+        image = synthetic.render_scene(scene, 4 * processor.image_processor.size["height"], rng)
+        image_path = args.save_image or os.path.join(tempfile.mkdtemp(prefix="flashsloth-demo-"), "scene.png")
+        image.save(image_path)
+        question = args.question or question_messages(record)[0]["content"][1]["text"]
+        if not args.question:
+            expected = record["conversations"][1]["value"]
+        print(f"Scene:    {synthetic.describe(scene)} (seed {seed})")
+    print(f"Image:    {image_path}")
+    print(f"Question: {question}")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=[image], text=prompt, return_tensors="pt")
+    with torch.inference_mode():
+        output_ids = model.generate(**inputs, max_new_tokens=16)
+    answer = processor.decode(output_ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    print(f"Answer:   {answer}")
+    if expected is not None:
+        verdict = "correct" if synthetic.normalize_answer(answer) == synthetic.normalize_answer(expected) else "wrong"
+        print(f"Expected: {expected} ({verdict})")
+
+
+def run_demo_train(args: argparse.Namespace) -> None:
+    from ..conversion.export import check_output_dir
+
+    recipe = {name: getattr(args, name) for name in demo_recipe_defaults()}
+    try:
+        check_recipe(recipe)
+        check_output_dir(args.output, force=args.force)
+    except (FileExistsError, ValueError) as error:
+        raise CliError(str(error)) from error
+    with tempfile.TemporaryDirectory(prefix="flashsloth-demo-train-") as scratch:
+        _, _, seconds = train_demo_model(args.output, args.work_dir or scratch, variant=args.variant, **recipe)
+    print(f"Trained the {args.variant} demo model in {seconds / 60:.1f} min; saved to {args.output}")
+
+
+def run_demo_eval(args: argparse.Namespace) -> None:
+    if args.per_kind < 1:
+        raise CliError(f"--per-kind must be at least 1, got {args.per_kind}")
+    model, processor = _load(args.model)
+    scores = evaluate(model, processor, per_kind=args.per_kind, seed=args.seed)
+    print(format_scores({Path(args.model).name: scores}))
+    if args.json:
+        Path(args.json).write_text(json.dumps(scores, indent=2))
+
+
+def trained_variant(model_dir: Path, variant: str, recipe: dict):
+    """`(model, processor, seconds)` of a variant already trained in `model_dir` with `recipe`, or `None` when the
+    folder holds no model; a model trained with another recipe is an error (it would not be the same budget)."""
+    if not (model_dir / "config.json").is_file():
+        return None
+    model, processor = _load(str(model_dir))
+    trained = dict(getattr(model.config, "demo_recipe", None) or {})
+    seconds = trained.pop("train_seconds", None)
+    expected = {**recipe, "variant": variant}
+    differences = sorted(key for key in {**trained, **expected} if trained.get(key) != expected.get(key))
+    if differences:
+        raise CliError(
+            f"{model_dir} holds a model trained with another recipe (differs in {', '.join(differences)}); remove it "
+            "or train it again with the same settings"
+        )
+    return model, processor, seconds
+
+
+def run_demo_ablation(args: argparse.Namespace) -> None:
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    recipe = {**demo_recipe_defaults(), "stage2_steps": args.stage2_steps, "anneal_steps": args.anneal_steps}
+    try:
+        check_recipe(recipe)
+    except ValueError as error:
+        raise CliError(str(error)) from error
+    rows = {}
+    for variant in VARIANTS:
+        reused = trained_variant(output / variant, variant, recipe)
+        if reused is None:
+            work_dir = output / f"work-{variant}"
+            model, processor, seconds = train_demo_model(output / variant, work_dir, variant=variant, **recipe)
+        else:
+            model, processor, seconds = reused
+            print(f"{variant}: reusing the model trained in {output / variant}", flush=True)
+        rows[variant] = {**evaluate(model, processor, per_kind=args.per_kind), "train_seconds": round(seconds)}
+        print(f"{variant}: {100 * rows[variant]['overall']:.1f}% overall after {seconds / 60:.1f} min", flush=True)
+    (output / "ablation.json").write_text(json.dumps(rows, indent=2))
+    (output / "ablation.md").write_text(format_scores(rows) + "\n")
+    print(format_scores(rows))
+    try:
+        plot_scores(rows, output / "ablation.png")
+    except ImportError as error:
+        raise CliError("the plot needs matplotlib: pip install 'flashsloth[plot]'") from error
