@@ -21,6 +21,7 @@ SUBCOMMAND_MODULES = (
     "flashsloth.demo.cli",
     "flashsloth.bench.cli",
     "flashsloth.bench.soak",
+    "flashsloth.serve.cli",
 )
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_CHOICES = ("sdpa", "eager", "flash_attention_2")
