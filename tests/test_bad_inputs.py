@@ -1,9 +1,9 @@
 """The bad-input catalogue: every malformed input a user can hand the processor, the model, the pipeline or the CLI
-raises one documented exception type whose message says what was wrong and what to do (the README's "Bad input" table
+raises one documented exception type whose message says what was wrong and what to do (the "Bad input" table of docs/reliability.md
 lists the same case ids). Inputs that look odd but are valid (16-bit PNG, CMYK JPEG, a 1x10000 strip) work and give
 the right pixels.
 
-The converter's cases live in tests/test_conversion.py; the README table lists them too.
+The converter's cases live in tests/test_conversion.py; that table lists them too.
 """
 
 import io
@@ -29,7 +29,7 @@ from model_helpers import IMAGE_SIZE, save_tiny_checkpoint, tiny_config, tiny_mo
 from processing_helpers import make_tiny_processor
 
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+RELIABILITY_PAGE = Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
 PROMPT = "USER: <image>\nWhat is in the picture?<learnable> ASSISTANT:"
 
 
@@ -380,7 +380,7 @@ def test_the_model_still_answers_after_every_bad_input(context):
 
 
 def readme_table_rows() -> list[list[str]]:
-    text = README.read_text(encoding="utf-8")
+    text = RELIABILITY_PAGE.read_text(encoding="utf-8")
     section = text.split("\n## Bad input", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in section.splitlines() if line.startswith("| `")]
     return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]

@@ -148,7 +148,7 @@ def add_commands(subparsers):
     parser.add_argument(
         "--deepspeed",
         metavar="CONFIG",
-        help="DeepSpeed config JSON (e.g. ZeRO-2/3, see the README); needs the deepspeed package and GPUs.",
+        help="DeepSpeed config JSON (e.g. ZeRO-2/3, see docs/training.md); needs the deepspeed package and GPUs.",
     )
     parser.set_defaults(handler=run_train)
 
