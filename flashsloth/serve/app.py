@@ -118,6 +118,7 @@ def create_app(engine: BatchingEngine, config: ServerConfig) -> FastAPI:
 
     app = FastAPI(title="FlashSloth", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     page = (STATIC_DIR / "index.html").read_text()
+    vocab_size = engine.model.config.get_text_config().vocab_size
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError):
@@ -175,7 +176,7 @@ def create_app(engine: BatchingEngine, config: ServerConfig) -> FastAPI:
                 param="model",
                 code="model_not_found",
             )
-        chat = await asyncio.to_thread(parse_chat_request, body, config.limits)
+        chat = await asyncio.to_thread(parse_chat_request, body, config.limits, vocab_size)
         inputs, max_tokens = await asyncio.to_thread(prepare_inputs, engine.processor, chat, config)
         job = Job(inputs, chat.settings, max_tokens, asyncio.get_running_loop())
         if not engine.submit(job):

@@ -275,3 +275,4 @@ class BatchingEngine:
                 streamer=state,
             )
         state.end()
+        self.stats["cancelled"] += sum(row.finish_reason == "cancelled" for row in state.rows)

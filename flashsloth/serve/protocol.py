@@ -54,6 +54,7 @@ class GenerationSettings:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     @property
     def greedy(self) -> bool:
@@ -63,16 +64,17 @@ class GenerationSettings:
         """Requests with equal keys can share one `generate` call; `None`: this request runs alone (seeded sampling,
         whose answer depends on the random stream of its own call)."""
         if self.greedy:
-            return ("greedy",)
+            return ("greedy", self.logit_bias)
         if self.seed is not None:
             return None
-        return ("sample", self.temperature, self.top_p)
+        return ("sample", self.temperature, self.top_p, self.logit_bias)
 
     def generate_kwargs(self) -> dict:
         """The `generate` arguments of these settings (the same for a request alone and for a batch)."""
+        bias = {"sequence_bias": {(token,): bias for token, bias in self.logit_bias}} if self.logit_bias else {}
         if self.greedy:
-            return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": 0}
+            return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None, **bias}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": 0, **bias}
 
 
 @dataclass
@@ -96,7 +98,24 @@ def _number(body: dict, name: str, default, low: float, high: float, integer: bo
     return value
 
 
-def parse_settings(body: dict, limits: Limits) -> GenerationSettings:
+def parse_logit_bias(value, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's `logit_bias`: `{"token id": bias}` with biases from -100 (ban) to 100, added to the logits."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise ApiError(400, "'logit_bias' must be an object mapping token ids to biases.", param="logit_bias")
+    pairs = []
+    for token, bias in value.items():
+        if not str(token).isdigit() or not int(token) < vocab_size:
+            raise ApiError(400, f"'logit_bias': {token!r} is not a token id of this model (0 to {vocab_size - 1}).",
+                           param="logit_bias")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise ApiError(400, f"'logit_bias' values go from -100 to 100, got {bias!r}.", param="logit_bias")
+        pairs.append((int(token), float(bias)))
+    return tuple(sorted(pairs))
+
+
+def parse_settings(body: dict, limits: Limits, vocab_size: int) -> GenerationSettings:
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     if max_tokens is not None:
@@ -125,6 +144,7 @@ def parse_settings(body: dict, limits: Limits) -> GenerationSettings:
     if n is not None and (isinstance(n, bool) or n != 1):
         raise ApiError(400, f"'n' must be 1 (one answer per request), got {body.get('n')!r}.", param="n")
     return GenerationSettings(
+        logit_bias=parse_logit_bias(body.get("logit_bias"), vocab_size),
         max_tokens=max_tokens,
         temperature=float(_number(body, "temperature", 0.0, 0.0, 2.0)),
         top_p=float(_number(body, "top_p", 1.0, 0.0, 1.0)),
@@ -253,14 +273,14 @@ def parse_content(content, role: str, param: str, limits: Limits, images: list) 
     return [item for item in items if item["type"] == "image"] + [item for item in items if item["type"] == "text"]
 
 
-def parse_chat_request(body, limits: Limits) -> ChatRequest:
+def parse_chat_request(body, limits: Limits, vocab_size: int) -> ChatRequest:
     """Check a decoded JSON body of `POST /v1/chat/completions` and turn it into a `ChatRequest`."""
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object.")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list of messages.", param="messages")
-    settings = parse_settings(body, limits)
+    settings = parse_settings(body, limits, vocab_size)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, f"'stream' must be true or false, got {stream!r}.", param="stream")
