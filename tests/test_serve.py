@@ -342,9 +342,15 @@ def test_health_answers_while_generating_and_a_client_that_leaves_frees_its_slot
     health = wait_for(slow_server, lambda health: health["running"] == 0)
     assert health["running"] == 0 and health["cancelled"] == before["cancelled"] + 1
 
-    connection, _ = None, None
-    with pytest.raises(TimeoutError):
-        raw_request(slow_server, "POST", "/v1/chat/completions", json.dumps({**body, "stream": False}).encode(), 0.5)
+    # A plain (not streamed) request whose client gives up waiting and closes the connection.
+    parsed = urllib.parse.urlsplit(slow_server)
+    connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=1.0)
+    try:
+        connection.request("POST", "/v1/chat/completions", body=json.dumps({**body, "stream": False}).encode())
+        with pytest.raises(TimeoutError):
+            connection.getresponse()
+    finally:
+        connection.close()
     health = wait_for(slow_server, lambda health: health["cancelled"] == before["cancelled"] + 2)
     assert health["running"] == 0 and health["cancelled"] == before["cancelled"] + 2
 
