@@ -85,7 +85,12 @@ def expected_prefill_flops(config, model_name, crops):
     tokens = LAYOUT.text_tokens + patches if model_name == "peer" else LAYOUT.text_tokens
     flops = siglip_flops(vision, crops, config.num_vision_layers)
     if model_name == "peer":
-        return flops + linear(patches, width, text_width) + linear(patches, text_width, text_width) + phi_flops(text, tokens)
+        return (
+            flops
+            + linear(patches, width, text_width)
+            + linear(patches, text_width, text_width)
+            + phi_flops(text, tokens)
+        )
     pooled, queries, question = crops * config.image_tokens_per_crop, config.num_query_tokens, LAYOUT.question_tokens
     query_width, heads = config.query_hidden_size, config.query_num_heads
     sap = linear(patches, width, width) + linear(patches, width, 1) + 2 * patches * width
@@ -142,7 +147,9 @@ def test_outputs_are_well_formed(bench_run):
                 assert advantage[f"response_{SHORT}_s"] > 0
     assert set(report["variants"]["base"]["advantage_smolvlm"]["throughput_tokens_per_s"]) == {"1"}
     goals = {goal["name"]: goal for goal in report["goals"]}
-    assert "base: TTFT ratio / counted-FLOP ratio" in goals and "base: throughput at batch 2, FlashSloth / peer" in goals
+    assert (
+        "base: TTFT ratio / counted-FLOP ratio" in goals and "base: throughput at batch 2, FlashSloth / peer" in goals
+    )
     assert all(isinstance(goal["met"], bool) for goal in goals.values())
 
     markdown = paths["md"].read_text()
@@ -213,7 +220,9 @@ def test_profile_writes_a_trace_and_an_operator_table_per_model(bench_run):
     for name, summary in profile["models"].items():
         assert summary["wall_s"] > 0 and "device_busy_s" not in summary  # on the CPU: no device time to report
         trace = json.loads(open(summary["trace"]).read())
-        assert any(event.get("name") == "aten::mm" or event.get("name") == "aten::addmm" for event in trace["traceEvents"])
+        assert any(
+            event.get("name") == "aten::mm" or event.get("name") == "aten::addmm" for event in trace["traceEvents"]
+        )
         table = open(summary["table"]).read()
         assert "Self CPU" in table and "aten::" in table
         assert summary["table"] in paths["md"].read_text()
@@ -236,6 +245,65 @@ def test_prefill_operators_are_counted_for_both_models(bench_run):
         assert ours > peer > 0
         assert results["advantage"]["prefill_operators"] == pytest.approx(peer / ours)
     assert bench_run[0]["variants"]["base"][TILED_PEER]["prefill_operators"] > 0
+
+
+def test_generation_operators_are_the_prefill_and_one_decoding_step(bench_run, configs):
+    for results in bench_run[0]["variants"].values():
+        for name in ("flashsloth", "peer"):
+            entry = results[name]
+            # generate's prefill is the forward pass plus its own set-up and the choice of the first token.
+            assert entry["generate_prefill_operators"] > entry["prefill_operators"]
+            assert entry["decode_step_operators"] > 0
+        advantage = results["advantage"]["decode_step_operators"]
+        assert advantage == pytest.approx(
+            results["peer"]["decode_step_operators"] / results["flashsloth"]["decode_step_operators"]
+        )
+    # One step is one step: a third token costs what the second did.
+    flashsloth, _ = build_models("tiny", torch.float32, "cpu")
+    inputs = build_inputs(configs[0], "flashsloth", 1, 1, LAYOUT)
+    kwargs = generation_kwargs(configs[0], BenchmarkSettings(), "cpu")
+    counts = {}
+    for new_tokens in (2, 3):
+        with operator_counter() as counter, torch.inference_mode():
+            flashsloth.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+        counts[new_tokens] = counter.count
+    assert counts[3] - counts[2] == bench_run[0]["variants"]["base"]["flashsloth"]["decode_step_operators"]
+
+
+def test_overhead_size_has_the_full_depths_and_geometry_with_tiny_widths():
+    overhead, peer = benchmark_configs("overhead")
+    full, _ = benchmark_configs("full")
+    assert overhead.num_vision_layers == full.num_vision_layers == 26
+    assert overhead.text_config.num_hidden_layers == full.text_config.num_hidden_layers == 32
+    assert overhead.query_layer_index == full.query_layer_index == 7
+    assert overhead.image_tokens_per_crop == full.image_tokens_per_crop == 81
+    assert overhead.patch_grid_size == full.patch_grid_size == 27 and peer.image_seq_length == 729
+    assert overhead.vision_config.hidden_size <= 64 and overhead.text_config.hidden_size <= 64
+    assert tiled_peer_config("overhead").text_config.num_hidden_layers == 24
+
+
+def test_overhead_goals_compare_operators_and_host_times():
+    advantage = {
+        "generate_prefill_operators": 0.94,
+        "decode_step_operators": 1.0,
+        "ttft_s": 1.2,
+        "decode_ms_per_token": 0.99,
+        "kv_cache_bytes": 5.56,
+        "throughput_tokens_per_s": {},
+    }
+    parts = {"sap": 1.0, "embq": 1.0, "layout": 1.0, "prefill": 100.0}
+    report = {
+        "size": "overhead",
+        "device": "cpu",
+        "settings": {"short_new_tokens": 8},
+        "variants": {"base": {"advantage": advantage, "flashsloth": {"prefill_parts_s": parts}}},
+    }
+    goals = {goal["name"]: goal["met"] for goal in evaluate_goals(report)}
+    assert goals["base: operators per prefill, peer / FlashSloth"] is False
+    assert goals["base: operators per decoding step, peer / FlashSloth"] is True
+    assert goals["base: host time per prefill (TTFT), peer / FlashSloth"] is True
+    assert goals["base: decode ms/token, peer / FlashSloth"] is False
+    assert not any("counted-FLOP" in name for name in goals)  # no FLOP ceiling where arithmetic is negligible
 
 
 def test_full_size_flop_ratios_are_the_issue_ceilings():
@@ -322,7 +390,11 @@ def test_decoding_steps_skip_the_vision_tower_and_embq(monkeypatch):
     monkeypatch.setattr(model, "insert_query_embeddings", counted_query_insertion)
     handles = [
         module.register_forward_hook(lambda module, args, output, name=name: calls.append(name))
-        for name, module in (("vision", model.vision_tower), ("embq", model.embedded_query), ("layer", model.language_model.layers[0]))
+        for name, module in (
+            ("vision", model.vision_tower),
+            ("embq", model.embedded_query),
+            ("layer", model.language_model.layers[0]),
+        )
     ]
     with torch.inference_mode():
         output_ids = flashsloth.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
@@ -361,7 +433,16 @@ def test_cli_registers_bench_and_rejects_bad_settings(capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--help"])
     help_text = capsys.readouterr().out
-    options = ("--size", "--variants", "--batch-sizes", "--long-new-tokens", "--json", "--markdown", "--plot", "--compile")
+    options = (
+        "--size",
+        "--variants",
+        "--batch-sizes",
+        "--long-new-tokens",
+        "--json",
+        "--markdown",
+        "--plot",
+        "--compile",
+    )
     for option in (*options, "--profile", "--smolvlm"):
         assert option in help_text
     assert cli.main(["bench", "--short-new-tokens", "8", "--long-new-tokens", "4"]) == 2

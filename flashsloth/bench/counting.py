@@ -1,4 +1,5 @@
-"""What the benchmark counts rather than times: prefill FLOPs and operators, KV-cache and weight bytes."""
+"""What the benchmark counts rather than times: prefill FLOPs, the operators of a prefill and of a decoding step,
+KV-cache and weight bytes."""
 
 
 def kv_cache_bytes(text_config, sequence_length: int, dtype) -> int:
@@ -85,6 +86,23 @@ def count_prefill_flops(model, inputs: dict):
     # transformers >= 5.25 names the cache field of model outputs `cache`, earlier versions `past_key_values`.
     cache = next(outputs[name] for name in ("cache", "past_key_values") if name in outputs.keys())
     return counter.get_total_flops(), part_flops, operators.count, cache
+
+
+def count_generation_operators(model, inputs: dict, generation_kwargs: dict) -> dict[str, int]:
+    """
+    The operators `generate` dispatches, eagerly, for the prefill (a one-token answer: the set-up, the prefill forward
+    pass and the choice of the first token) and for one decoding step (a two-token answer less a one-token one). Where
+    launches dominate, these counts and not the FLOPs set the time to first token and the time per token.
+    """
+    import torch
+
+    counts = {}
+    for new_tokens in (1, 2):
+        operators = operator_counter()
+        with torch.inference_mode(), operators:
+            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **generation_kwargs)
+        counts[new_tokens] = operators.count
+    return {"prefill": counts[1], "decode_step": counts[2] - counts[1]}
 
 
 def parameter_bytes(model) -> int:

@@ -31,11 +31,25 @@ def evaluate_goals(report: dict) -> list[dict]:
     """The acceptance goals of the speed issue, on what this run measured."""
     goals = []
     variants = report["variants"]
-    for variant, results in variants.items():
-        advantage = results["advantage"]
-        goals.append(
-            Goal(f"{variant}: TTFT ratio / counted-FLOP ratio", advantage["ttft_s"] / advantage["prefill_flops"], 0.9)
-        )
+    if report["size"] == "overhead":  # tiny widths: the times are dispatch and Python, the FLOP ceiling means nothing
+        for variant, results in variants.items():
+            advantage = results["advantage"]
+            goals += [
+                Goal(
+                    f"{variant}: operators per prefill, peer / FlashSloth", advantage["generate_prefill_operators"], 1.0
+                ),
+                Goal(
+                    f"{variant}: operators per decoding step, peer / FlashSloth",
+                    advantage["decode_step_operators"],
+                    1.0,
+                ),
+                Goal(f"{variant}: host time per prefill (TTFT), peer / FlashSloth", advantage["ttft_s"], 1.0),
+            ]
+    else:
+        for variant, results in variants.items():
+            advantage = results["advantage"]
+            ratio = advantage["ttft_s"] / advantage["prefill_flops"]
+            goals.append(Goal(f"{variant}: TTFT ratio / counted-FLOP ratio", ratio, 0.9))
     for variant, results in variants.items():
         share = sap_embq_share(results["flashsloth"]["prefill_parts_s"])
         goals.append(Goal(f"{variant}: SAP + EmbQ share of FlashSloth's prefill", share, 0.05, higher_is_better=False))
@@ -132,6 +146,8 @@ def table_rows(report: dict) -> list[tuple[str, list[str]]]:
         ("prompt tokens", row(("prompt_tokens",), "{:,}".format)),
         ("prefill GFLOPs (counted)", row(("prefill_flops",), lambda value: f"{value / 1e9:,.1f}")),
         ("prefill operators (non-view aten ops)", row(("prefill_operators",), "{:,}".format)),
+        ("operators per prefill, through generate", row(("generate_prefill_operators",), "{:,}".format)),
+        ("operators per decoding step, through generate", row(("decode_step_operators",), "{:,}".format)),
         ("time to first token", row(("ttft_s",), _format_ms)),
         ("decode per token", row(("decode_ms_per_token",), "{:,.1f} ms".format)),
         (f"response, {short} new tokens", row((f"response_{short}_s",), _format_ms)),

@@ -5,7 +5,13 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 
-from .counting import cache_tensor_bytes, count_prefill_flops, kv_cache_bytes, parameter_bytes
+from .counting import (
+    cache_tensor_bytes,
+    count_generation_operators,
+    count_prefill_flops,
+    kv_cache_bytes,
+    parameter_bytes,
+)
 from .report import evaluate_goals, peers_in
 from .timing import median_or_none, profile_generation, time_prefill_parts, timed_generate
 from .workloads import (
@@ -182,16 +188,25 @@ def plan_runs(settings: BenchmarkSettings) -> RunPlan:
     return RunPlan(cases, main_variant, timed, warmups, profiled, batch_sizes)
 
 
-def count_case(model, model_config, name: str, variant: str, inputs: dict, dtype) -> dict:
+# Generation settings that compile; operators are counted on the eager path.
+COMPILE_KWARGS = ("cache_implementation", "compile_config", "prefill_chunk_size")
+
+
+def count_case(model, model_config, name: str, variant: str, inputs: dict, dtype, generation_kwargs: dict) -> dict:
     """One case's counted figures: tokens, prefill FLOPs and operators (one prefill under the FLOP counter, which also
-    warms it up), KV-cache bytes (by formula and as filled) and weight bytes."""
+    warms it up), the operators `generate` dispatches for its prefill and per decoding step, KV-cache bytes (by
+    formula and as filled) and weight bytes."""
     flops, part_flops, operators, cache = count_prefill_flops(model, inputs)
     length = inputs["input_ids"].shape[1]
+    eager_kwargs = {key: value for key, value in generation_kwargs.items() if key not in COMPILE_KWARGS}
+    generate_operators = count_generation_operators(model, inputs, eager_kwargs)
     return dict(
         visual_tokens=visual_tokens(model_config, name, VARIANT_CROPS[variant]),
         prompt_tokens=length,
         prefill_flops=flops,
         prefill_operators=operators,
+        generate_prefill_operators=generate_operators["prefill"],
+        decode_step_operators=generate_operators["decode_step"],
         prefill_flops_by_part=part_flops,
         kv_cache_bytes=kv_cache_bytes(model_config.text_config, length, dtype),
         kv_cache_bytes_measured=cache_tensor_bytes(cache),
@@ -213,7 +228,8 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
     """
     Run the whole benchmark and return its results as a JSON-ready dict (see `format_markdown`):
 
-    1. per model and variant, one prefill under torch's FLOP counter ([`count_case`]), then the untimed warm-ups;
+    1. per model and variant, one prefill under torch's FLOP counter and the operators of a one- and a two-token
+       answer ([`count_case`]), then the untimed warm-ups;
     2. the prefill split into its parts (vision tower, decoder layers, head; FlashSloth's SAP and EmbQ), timed by
        module hooks: `repeats` times for FlashSloth, once for the peers;
     3. the timed runs of [`plan_runs`]: time to first token, response time, decode speed, throughput;
@@ -263,8 +279,9 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
     progress = tqdm(total=total, desc=f"bench {settings.size}")
     results = {variant: {} for variant in settings.variants}
     for variant, name in plan.cases:
+        inputs = inputs_for(variant, name)
         results[variant][name] = count_case(
-            models[name], model_configs[name], name, variant, inputs_for(variant, name), dtype
+            models[name], model_configs[name], name, variant, inputs, dtype, gen_kwargs[name]
         )
         progress.update()
     for variant, name, batch_size, new_tokens in plan.warmups:
@@ -382,6 +399,8 @@ def compute_advantages(variant_results: dict, short: int, long: int, peer_name: 
         "prompt_tokens",
         "prefill_flops",
         "prefill_operators",
+        "generate_prefill_operators",
+        "decode_step_operators",
         "kv_cache_bytes",
         "ttft_s",
         "decode_ms_per_token",

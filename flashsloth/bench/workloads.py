@@ -3,37 +3,20 @@ the optional SmolVLM-sized one) built with shared random weights, and their prom
 
 from dataclasses import dataclass
 
-SIZES = ("tiny", "small", "full")
 
-
+SIZES = ("tiny", "overhead", "small", "full")
 VARIANTS = ("base", "hd")
-
-
 MODEL_NAMES = ("flashsloth", "peer")
-
-
 TILED_PEER = "smolvlm"  # the optional SmolVLM-sized peer, in one variant only (base unless HD runs alone)
-
-
 MODEL_LABELS = {"flashsloth": "FlashSloth", "peer": "uncompressed peer", TILED_PEER: "SmolVLM-sized peer"}
-
-
 ADVANTAGE_KEYS = {"peer": "advantage", TILED_PEER: "advantage_smolvlm"}  # FlashSloth's advantage over each peer
-
-
 VARIANT_CROPS = {"base": 1, "hd": 5}
-
-
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
-
-
 ATTENTION_CHOICES = ("sdpa", "eager", "flash_attention_2")
 
 
 # The peer's HD prompt (3645 image tokens) is longer than Phi-2's 2048 positions; rotary embeddings extend as is.
 MAX_POSITIONS = 4096
-
-
 TOKEN_ID_RANGE = (1000, 50000)  # random prompt text, clear of the placeholder and anchor ids
 
 
@@ -55,16 +38,9 @@ SMOLLM2_1_7B = {
     "pad_token_id": 2,
 }
 
-
 SMOLVLM_SCALE_FACTOR = 3
-
-
 SMOLVLM_TILE_GRID = 4
-
-
 SMOLVLM_TOKEN_IDS = {"newline": 198, "fake": 49189, "global": 49188, "image": 49190, "first_row_col": 49200}
-
-
 SMOLVLM_TEXT_ID_RANGE = (1000, 49000)
 
 
@@ -94,6 +70,15 @@ SIZE_SPECS = {
         query_hidden_size=32,
         tiled_peer_layers=(2, 2),
         description="full token geometry and vocabulary, tiny widths (SigLIP 32, Phi 64), 2 encoder + 2 decoder layers",
+    ),
+    "overhead": SizeSpec(
+        vision={"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2},
+        text={"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 4},
+        query_layer_index=7,
+        query_hidden_size=32,
+        tiled_peer_layers=(27, 24),
+        description="full depths (26 of 27 encoder layers used, 32 decoder layers, EmbQ before layer 7) and full "
+        "token geometry with tiny widths (SigLIP 32, Phi 64): what is timed is dispatch and Python, not arithmetic",
     ),
     "small": SizeSpec(
         vision={"num_hidden_layers": 4},
