@@ -84,3 +84,13 @@ def test_docs_pages_start_by_saying_what_the_reader_can_do(page):
     lines = [line for line in page.read_text(encoding="utf-8").splitlines() if line.strip()]
     assert lines[0].startswith("# "), f"{page.name} starts with its title"
     assert lines[1][0].isalpha(), f"{page.name}: the first line under the title says what the reader can do there"
+
+
+def test_readme_command_table_lists_every_command():
+    from flashsloth.cli import build_parser
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme.split("\n## The command line", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^\| `flashsloth ([a-z-]+)", table, flags=re.MULTILINE))
+    commands = set(build_parser()._subparsers._group_actions[0].choices)
+    assert listed == commands, f"listed but missing: {listed - commands}; not listed: {commands - listed}"
