@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Skip the concurrent run against a server with batching off.")
     parser.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                         help="An extra argument for the started servers, e.g. --server-arg=--device=cuda (repeatable).")
+    parser.add_argument("--continuous-batching-check", type=int, metavar="N", default=0,
+                        help="Instead of the load test: answer N questions with transformers' continuous batching "
+                        "(model.generate_batch) and with generate, and count how many agree.")
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -245,6 +248,8 @@ def run(args: argparse.Namespace) -> dict:
 
     if args.clients < 1 or args.requests_per_client < 1 or args.max_tokens < 1:
         raise CliError("--clients, --requests-per-client and --max-tokens must be at least 1")
+    if args.continuous_batching_check:
+        return continuous_batching_check(args.model, args.continuous_batching_check)
     requests = build_requests(args.clients * args.requests_per_client, args.seed, args.max_tokens)
     servers = []
     try:
@@ -273,8 +278,11 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         for process in servers:
             stop_server(process)
+    from ..demo import DEMO_MODEL_DIR
+
     report = {
-        "model": args.model,
+        "model": "the embedded demo model" if Path(args.model).resolve() == DEMO_MODEL_DIR else args.model,
+        "load_average_1min_at_end": round(os.getloadavg()[0], 2),
         "clients": args.clients,
         "requests_per_client": args.requests_per_client,
         "max_tokens": args.max_tokens,
@@ -292,10 +300,11 @@ def run(args: argparse.Namespace) -> dict:
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output + ".json").write_text(json.dumps(report, indent=2) + "\n")
-        command = "flashsloth serve-bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["serve-bench"] else None
+        command = " ".join(["flashsloth serve-bench", *sys.argv[2:]]) if sys.argv[1:2] == ["serve-bench"] else None
         lines = [f"# Load test of `flashsloth serve`\n", f"Command: `{command or 'flashsloth serve-bench'}` on "
-                 f"{report['machine']}; {args.clients} clients x {args.requests_per_client} requests, max_tokens "
-                 f"{args.max_tokens}.\n", table, ""]
+                 f"{report['machine']} (load average {report['load_average_1min_at_end']} at the end); {args.clients} "
+                 f"clients x {args.requests_per_client} requests, max_tokens {args.max_tokens}; "
+                 f"{report['model']}.\n", table, ""]
         Path(args.output + ".md").write_text("\n".join(lines))
         if plot(rows, args.output + ".png"):
             print(f"wrote {args.output}.md, .json and .png")
@@ -305,6 +314,42 @@ def run(args: argparse.Namespace) -> dict:
     if failures:
         raise CliError(f"lost or changed answers: {[(row['phase'], row['lost'], row['changed']) for row in failures]}")
     return report
+
+
+def continuous_batching_check(model_dir: str, count: int) -> dict:
+    """Greedy answers of `count` image questions from `model.generate_batch` (transformers' continuous batching, which
+    takes token ids only) against `model.generate` with the images; how many agree."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
+
+    from ..training import synthetic
+
+    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, trust_remote_code=True).eval()
+    rng = random.Random("flashsloth-continuous-batching-check")
+    prompts, expected = [], []
+    for index in range(count):
+        scene, record = synthetic.make_sample(index, 2, rng)
+        image = synthetic.render_scene(scene, 288, rng)
+        question = record["conversations"][0]["value"].replace("<image>", "").strip()
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        inputs = processor(images=[image], text=processor.apply_chat_template(messages, add_generation_prompt=True))
+        with torch.inference_mode():
+            output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+        expected.append(processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip())
+        prompts.append(inputs["input_ids"][0].tolist())
+    config = GenerationConfig(
+        max_new_tokens=8, do_sample=False, eos_token_id=model.generation_config.eos_token_id,
+        pad_token_id=processor.tokenizer.pad_token_id,
+    )
+    outputs = model.generate_batch(inputs=prompts, generation_config=config)
+    ordered = [outputs[key] for key in sorted(outputs, key=lambda key: int(key.rsplit("_", 1)[-1]))]  # "req_<i>"
+    answers = [processor.decode(output.generated_tokens, skip_special_tokens=True).strip() for output in ordered]
+    agree = sum(answer == reference for answer, reference in zip(answers, expected))
+    print(f"continuous batching agrees with generate on {agree} of {count} answers")
+    for answer, reference in list(zip(answers, expected))[:8]:
+        print(f"  generate: {reference!r:12} generate_batch: {answer!r}")
+    return {"agree": agree, "count": count}
 
 
 def machine_description() -> str:
