@@ -11,6 +11,7 @@ from ..cli_errors import CliError
 from . import DEMO_MODEL_DIR
 from .evaluation import evaluate, format_scores, plot_scores, question_messages
 from .recipe import EVAL_SEED, RECIPE_HELP, VARIANTS, check_recipe, demo_recipe_defaults
+from .robustness import ROBUSTNESS_SEED, evaluate_robustness, format_robustness
 from .train import train_demo_model
 
 
@@ -69,6 +70,13 @@ def add_commands(subparsers) -> None:
         "--seed", type=int, default=EVAL_SEED, help="Seed of the questions (default: %(default)s)."
     )
     eval_parser.add_argument("--json", metavar="PATH", help="Also write the scores as JSON.")
+    eval_parser.add_argument(
+        "--robustness",
+        action="store_true",
+        help="Score drawings unlike the training generator's instead: one family per varied property (free positions, "
+        "sizes, backgrounds, outlines, anti-aliasing, blur, JPEG, aspect ratios, colour shades, held-out wordings) "
+        "and a mixed family, per question kind; --per-kind then counts the questions per cell.",
+    )
     eval_parser.set_defaults(handler=run_demo_eval)
 
     ablation = subparsers.add_parser(
@@ -165,8 +173,12 @@ def run_demo_eval(args: argparse.Namespace) -> None:
     if args.per_kind < 1:
         raise CliError(f"--per-kind must be at least 1, got {args.per_kind}")
     model, processor = _load(args.model)
-    scores = evaluate(model, processor, per_kind=args.per_kind, seed=args.seed)
-    print(format_scores({Path(args.model).name: scores}))
+    if args.robustness:
+        scores = evaluate_robustness(model, processor, per_cell=args.per_kind, seed=args.seed + ROBUSTNESS_SEED)
+        print(format_robustness(scores))
+    else:
+        scores = evaluate(model, processor, per_kind=args.per_kind, seed=args.seed)
+        print(format_scores({Path(args.model).name: scores}))
     if args.json:
         Path(args.json).write_text(json.dumps(scores, indent=2))
 

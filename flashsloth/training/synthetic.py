@@ -112,14 +112,15 @@ def article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def ask(scene: Scene, kind: str, rng: random.Random) -> tuple[str, str] | None:
+def ask(scene, kind: str, rng: random.Random, templates: dict | None = None) -> tuple[str, str] | None:
     """
     A `(question, answer)` of the given kind about the scene, or `None` when the scene has no unambiguous question of
-    that kind (e.g. a colour question needs a shape that occurs exactly once).
+    that kind (e.g. a colour question needs a shape that occurs exactly once; a position question, an object with a
+    position). `templates` replaces `QUESTION_TEMPLATES` (the wordings per kind).
     """
     if kind not in QUESTION_KINDS:
         raise ValueError(f"Unknown question kind {kind!r}; choose one of {QUESTION_KINDS}.")
-    template = rng.choice(QUESTION_TEMPLATES[kind])
+    template = rng.choice((templates or QUESTION_TEMPLATES)[kind])
     objects = scene.objects
     if kind == "count":
         return template, str(len(objects))
@@ -146,6 +147,7 @@ def ask(scene: Scene, kind: str, rng: random.Random) -> tuple[str, str] | None:
         color, shape = rng.choice(near if near and rng.random() < 0.5 else absent)
         return template.format(article=article(color), color=color, shape=shape), "no"
     unique = [obj for obj in objects if sum((o.color, o.shape) == (obj.color, obj.shape) for o in objects) == 1]
+    unique = [obj for obj in unique if obj.position is not None]
     if not unique:
         return None
     target = rng.choice(unique)
