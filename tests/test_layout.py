@@ -15,12 +15,8 @@ from flashsloth.cli import SUBCOMMAND_MODULES, build_parser
 PACKAGE_DIR = Path(flashsloth.__file__).resolve().parent
 MODELING_FILE = PACKAGE_DIR / "modeling_flashsloth.py"
 MODULE_MAX_LINES, MODELING_MAX_LINES = 500, 700
-REMOTE_CODE_FILES = [
-    PACKAGE_DIR / "configuration_flashsloth.py",
-    MODELING_FILE,
-    PACKAGE_DIR / "processing" / "image_processing_flashsloth.py",
-    PACKAGE_DIR / "processing" / "processing_flashsloth.py",
-]
+# The remote-code files: every `*_flashsloth.py` of the package folder and of `processing/`.
+REMOTE_CODE_FILES = sorted([*PACKAGE_DIR.glob("*_flashsloth.py"), *(PACKAGE_DIR / "processing").glob("*_flashsloth.py")])
 # The embedded checkpoint's copies of the remote code are data, checked against the package's files in test_demo.py.
 MODULES = sorted(path for path in PACKAGE_DIR.rglob("*.py") if "model" not in path.relative_to(PACKAGE_DIR).parts[:-1])
 
@@ -38,6 +34,12 @@ def test_module_is_within_its_size_limit(path):
 def test_every_room_says_what_it_is_for(package):
     docstring = ast.get_docstring(ast.parse((package / "__init__.py").read_text(encoding="utf-8")))
     assert docstring and len(docstring.split()) >= 8, f"{package.name}/__init__.py needs a docstring saying its job"
+
+
+def test_the_remote_code_files_are_the_model_and_processing_files():
+    names = {path.name for path in REMOTE_CODE_FILES}
+    assert {"configuration_flashsloth.py", "modeling_flashsloth.py", "processing_flashsloth.py"} <= names
+    assert "image_processing_flashsloth.py" in names
 
 
 @pytest.mark.parametrize("path", REMOTE_CODE_FILES, ids=lambda path: path.name)
