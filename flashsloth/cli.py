@@ -22,8 +22,10 @@ SUBCOMMAND_MODULES = (
     "flashsloth.bench.cli",
     "flashsloth.bench.soak",
     "flashsloth.serve.cli",
+    "flashsloth.quant.bench",
 )
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZE_CHOICES = ("int8", "int8-dynamic", "int4", "bnb-8bit", "bnb-4bit")  # flashsloth.quant.SCHEMES
 ATTENTION_CHOICES = ("sdpa", "eager", "flash_attention_2")
 CHAT_EXIT_HINT = "One message per line; an empty line or end of input (Ctrl-D) ends the chat; '/image PATH' adds an image to the next message."
 
@@ -73,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile",
         action="store_true",
         help="Decode with a static KV cache and a torch.compile'd decoding step (slow to start, faster per token).",
+    )
+    model_options.add_argument(
+        "--quantize",
+        choices=QUANTIZE_CHOICES,
+        default=None,
+        help="Quantize the weights while loading: int8 / int8-dynamic / int4 through torchao (CPU or CUDA; int4 "
+        "computes in bfloat16; install with pip install -e '.[quant]'), bnb-8bit / bnb-4bit through bitsandbytes "
+        "(CUDA only). SAP, the projector, the embedded queries and the output head stay unquantized. Speed and "
+        "quality: docs/quantization.md (default: no quantization).",
     )
 
     parser = argparse.ArgumentParser(
@@ -136,12 +147,22 @@ class Assistant:
             raise CliError(f"model folder not found: {args.model}")
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+        load_kwargs = {"dtype": dtype}
+        if getattr(args, "quantize", None):
+            from .quant import load_kwargs as quantized_load_kwargs
+
+            try:
+                load_kwargs = quantized_load_kwargs(args.quantize, device, dtype)
+            except ValueError as error:  # a scheme that cannot run here: what to install or choose instead
+                raise CliError(str(error)) from error
         try:
             self.processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
             self.model = AutoModelForImageTextToText.from_pretrained(
-                args.model, trust_remote_code=True, dtype=dtype, attn_implementation=args.attn
+                args.model, trust_remote_code=True, attn_implementation=args.attn, **load_kwargs
             )
-            self.model.to(device).eval()
+            if "device_map" not in load_kwargs:
+                self.model.to(device)
+            self.model.eval()
         except (OSError, ValueError, ImportError, RuntimeError) as error:
             raise CliError(f"cannot load the model {args.model}: {str(error).splitlines()[0]}") from error
 

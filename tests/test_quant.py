@@ -1,0 +1,180 @@
+"""Quantized FlashSloth through transformers' torchao integration (flashsloth.quant), on the embedded demo model:
+logits and greedy answers against fp32, save/reload, the clear errors, the CLI's --quantize."""
+
+import random
+
+import pytest
+import torch
+
+from flashsloth import quant
+from flashsloth.cli import QUANTIZE_CHOICES, main
+from flashsloth.demo import DEMO_MODEL_DIR
+
+
+torchao = pytest.importorskip("torchao", reason="torchao is not installed: pip install -e '.[quant]'")
+
+from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
+
+
+# Largest relative deviation of the logits from fp32 (max |q - r| / max |r| over every position of the prompts).
+# Measured on the demo model (docs/quantization.md): int8 0.004, int4 (groups of 128; the demo's 96-wide vision layers
+# stay bfloat16) about 0.02-0.09; the bounds leave a margin of ~2.5x and stay far below a broken kernel's (~1).
+MAX_RELATIVE_DEVIATION = {"int8": 0.015, "int8-dynamic": 0.05, "int4": 0.2}
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return AutoProcessor.from_pretrained(DEMO_MODEL_DIR, trust_remote_code=True)
+
+
+@pytest.fixture(scope="module")
+def fp32_model():
+    return AutoModelForImageTextToText.from_pretrained(DEMO_MODEL_DIR, trust_remote_code=True, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def questions(processor):
+    """Three demo questions (one per kind) on freshly drawn scenes, as processor inputs, and their right answers."""
+    from flashsloth.training import synthetic
+
+    rng = random.Random("flashsloth-test-quant")
+    samples = []
+    for kind in synthetic.QUESTION_KINDS[:3]:
+        scene, record = synthetic.make_sample(0, 2, rng, kinds=(kind,))
+        image = synthetic.render_scene(scene, 2 * processor.image_processor.size["height"], rng)
+        question = record["conversations"][0]["value"].replace("<image>\n", "")
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        samples.append((processor(images=[image], text=prompt, return_tensors="pt"), image, question))
+    return samples
+
+
+def logits_and_answers(model, processor, questions):
+    logits, answers = [], []
+    with torch.inference_mode():
+        for inputs, _, _ in questions:
+            batch = {**inputs, "pixel_values": inputs["pixel_values"].to(model.dtype)}
+            logits.append(model(**batch).logits[0].float())
+            output = model.generate(**batch, max_new_tokens=6, do_sample=False)
+            answers.append(processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+    return torch.cat(logits), answers
+
+
+def load(scheme, directory=DEMO_MODEL_DIR):
+    return AutoModelForImageTextToText.from_pretrained(directory, trust_remote_code=True, **quant.load_kwargs(scheme))
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int8-dynamic", "int4"])
+def test_quantized_demo_model_answers_like_fp32(scheme, fp32_model, processor, questions):
+    model = load(scheme)
+    decoder_weight = model.model.language_model.layers[0].mlp.fc1.weight
+    assert type(decoder_weight).__module__.startswith("torchao"), type(decoder_weight)
+    for name in quant.MODULES_TO_NOT_CONVERT:  # kept as plain tensors in the checkpoint's dtype
+        module = model.get_submodule(name)
+        assert all(type(p) is torch.nn.Parameter for p in module.parameters()), name
+    if scheme == "int4":
+        assert model.dtype == torch.bfloat16
+    reference, reference_answers = logits_and_answers(fp32_model, processor, questions)
+    quantized, answers = logits_and_answers(model, processor, questions)
+    deviation = (quantized - reference).abs().max() / reference.abs().max()
+    assert deviation < MAX_RELATIVE_DEVIATION[scheme], deviation
+    assert deviation > 0  # the weights really changed
+    assert answers == reference_answers
+
+
+def test_int8_saves_and_reloads_quantized(tmp_path, processor, questions):
+    model = load("int8")
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path, trust_remote_code=True)
+    weight = reloaded.model.language_model.layers[1].self_attn.q_proj.weight
+    original = model.model.language_model.layers[1].self_attn.q_proj.weight
+    assert type(weight) is type(original)
+    assert torch.equal(weight.qdata, original.qdata) and torch.equal(weight.scale, original.scale)
+    before, answers_before = logits_and_answers(model, processor, questions[:2])
+    after, answers_after = logits_and_answers(reloaded, processor, questions[:2])
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)  # the same weights; kernels may reorder sums
+    assert answers_before == answers_after
+
+
+def test_int4_cpu_format_cannot_be_saved_and_says_so(tmp_path):
+    # torchao's CPU int4 layout (Int4OpaqueTensor) has no safetensors form: quantize at load time instead.
+    with pytest.raises(ValueError, match="Unsupported tensor type"):
+        load("int4").save_pretrained(tmp_path)
+
+
+def test_cli_choices_are_the_schemes():
+    assert QUANTIZE_CHOICES == tuple(quant.SCHEMES)
+
+
+def test_unknown_scheme_names_the_choices():
+    with pytest.raises(ValueError, match="unknown quantization scheme 'int3'.*int8.*int4"):
+        quant.quantization_config("int3")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error given where no CUDA GPU is available")
+@pytest.mark.parametrize("scheme", ["bnb-8bit", "bnb-4bit"])
+def test_bitsandbytes_without_cuda_says_what_to_choose(scheme):
+    with pytest.raises(quant.QuantizationUnavailableError, match="CUDA GPU only.*--quantize int8 or int4"):
+        quant.quantization_config(scheme, "cpu")
+    with pytest.raises(quant.QuantizationUnavailableError, match="CUDA"):
+        quant.quantization_config(scheme, "cuda")
+
+
+def test_missing_torchao_says_what_to_install(monkeypatch):
+    real_find_spec = quant.importlib.util.find_spec
+    monkeypatch.setattr(
+        quant.importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real_find_spec(name, *a)
+    )
+    with pytest.raises(quant.QuantizationUnavailableError, match=r"needs torchao.*pip install -e \"\.\[quant\]\""):
+        quant.quantization_config("int8")
+
+
+def test_int4_without_the_cpu_kernel_says_what_to_choose(monkeypatch):
+    monkeypatch.setattr(quant, "has_int4_cpu_kernel", lambda: False)
+    with pytest.raises(quant.QuantizationUnavailableError, match="int4 CPU kernel.*choose --quantize int8"):
+        quant.quantization_config("int4", "cpu")
+    with pytest.raises(quant.QuantizationUnavailableError, match="CPU and CUDA, not for 'mps'"):
+        quant.quantization_config("int4", "mps")
+
+
+def test_configs_keep_the_small_modules_unquantized():
+    config = quant.quantization_config("int4", "cpu")
+    assert config.modules_to_not_convert == list(quant.MODULES_TO_NOT_CONVERT)
+    assert type(config.quant_type).__name__ == "PrototypeInt4WeightOnlyConfig"
+    assert config.quant_type.group_size == quant.INT4_GROUP_SIZE
+    assert quant.load_kwargs("int4")["dtype"] == torch.bfloat16
+    assert quant.load_kwargs("int8", dtype=torch.float32)["dtype"] == torch.float32
+
+
+def test_quantized_weights_are_a_quarter_of_fp32():
+    from flashsloth.quant.worker import decode_weight_bytes, tensor_bytes
+
+    def layer_bytes(model):
+        return sum(tensor_bytes(parameter) for parameter in model.model.language_model.layers.parameters())
+
+    fp32 = AutoModelForImageTextToText.from_pretrained(DEMO_MODEL_DIR, trust_remote_code=True, dtype=torch.float32)
+    int8 = load("int8")
+    ratio = layer_bytes(int8) / layer_bytes(fp32)
+    assert 0.25 < ratio < 0.3, ratio  # int8 values plus one fp32 scale per output channel, fp32 norms and biases
+    assert decode_weight_bytes(int8) < decode_weight_bytes(fp32)
+
+
+def test_cli_ask_quantize_prints_the_fp32_answer(capsys, tmp_path, questions):
+    _, image, question = questions[1]
+    image.save(tmp_path / "scene.png")
+    answers = {}
+    for option in ([], ["--quantize", "int8"], ["--quantize", "int4"]):
+        code = main(["ask", str(tmp_path / "scene.png"), "--question", question, "--max-new-tokens", "6", *option])
+        assert code == 0
+        answers[" ".join(option) or "fp32"] = capsys.readouterr().out
+    assert answers["fp32"].strip()
+    assert answers["--quantize int8"] == answers["fp32"] and answers["--quantize int4"] == answers["fp32"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error given where no CUDA GPU is available")
+def test_cli_bitsandbytes_without_cuda_is_a_one_line_usage_error(capsys, tmp_path, questions):
+    questions[0][1].save(tmp_path / "scene.png")
+    code = main(["ask", str(tmp_path / "scene.png"), "--question", "What?", "--quantize", "bnb-4bit"])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "CUDA GPU only" in error and "--quantize int8 or int4" in error and len(error.strip().splitlines()) == 1
