@@ -13,6 +13,7 @@ import threading
 import time
 import urllib.parse
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,7 +21,9 @@ from flashsloth.demo import DEMO_MODEL_DIR
 from flashsloth.training import synthetic
 
 
-openai = pytest.importorskip("openai", reason="the serving tests need the openai client: pip install 'flashsloth[test]'")
+openai = pytest.importorskip(
+    "openai", reason="the serving tests need the openai client: pip install 'flashsloth[test]'"
+)
 pytest.importorskip("fastapi", reason="flashsloth serve needs FastAPI: pip install 'flashsloth[serve]'")
 pytest.importorskip("uvicorn", reason="flashsloth serve needs uvicorn: pip install 'flashsloth[serve]'")
 from flashsloth.serve.batching import collate, visible_text  # noqa: E402
@@ -32,8 +35,16 @@ MODEL_ID = "flashsloth-demo"
 EOS_IDS = (0, 449)
 BAN_EOS = {str(token): -100 for token in EOS_IDS}
 CAP = 64
-SERVER_LIMITS = ["--max-body-mb", "1", "--max-images", "2", "--max-tokens-cap", str(CAP), "--max-image-pixels",
-                 str(512 * 512)]
+SERVER_LIMITS = [
+    "--max-body-mb",
+    "1",
+    "--max-images",
+    "2",
+    "--max-tokens-cap",
+    str(CAP),
+    "--max-image-pixels",
+    str(512 * 512),
+]
 
 
 @pytest.fixture(scope="module")
@@ -118,26 +129,46 @@ def conversations():
     cases = []
     for seed in (1, 2, 3):
         image, question = scene(seed)
-        cases.append(([{"role": "user", "content": [image_part(image), {"type": "text", "text": question}]}],
-                      [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}], [image]))
+        cases.append(
+            (
+                [{"role": "user", "content": [image_part(image), {"type": "text", "text": question}]}],
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+                [image],
+            )
+        )
     image, _ = scene(4)
-    cases.append(([{"role": "user", "content": [{"type": "text", "text": "Describe the image."}, image_part(image)]}],
-                  [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}],
-                  [image]))
-    cases.append(([{"role": "user", "content": "How many shapes are there?"}],
-                  [{"role": "user", "content": [{"type": "text", "text": "How many shapes are there?"}]}], []))
+    cases.append(
+        (
+            [{"role": "user", "content": [{"type": "text", "text": "Describe the image."}, image_part(image)]}],
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}],
+            [image],
+        )
+    )
+    cases.append(
+        (
+            [{"role": "user", "content": "How many shapes are there?"}],
+            [{"role": "user", "content": [{"type": "text", "text": "How many shapes are there?"}]}],
+            [],
+        )
+    )
     first, second = scene(5), scene(6)
-    cases.append((
-        [{"role": "system", "content": "Answer in one word."},
-         {"role": "user", "content": [image_part(first[0]), {"type": "text", "text": first[1]}]},
-         {"role": "assistant", "content": "red"},
-         {"role": "user", "content": [image_part(second[0]), {"type": "text", "text": second[1]}]}],
-        [{"role": "system", "content": [{"type": "text", "text": "Answer in one word."}]},
-         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": first[1]}]},
-         {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
-         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": second[1]}]}],
-        [first[0], second[0]],
-    ))
+    cases.append(
+        (
+            [
+                {"role": "system", "content": "Answer in one word."},
+                {"role": "user", "content": [image_part(first[0]), {"type": "text", "text": first[1]}]},
+                {"role": "assistant", "content": "red"},
+                {"role": "user", "content": [image_part(second[0]), {"type": "text", "text": second[1]}]},
+            ],
+            [
+                {"role": "system", "content": [{"type": "text", "text": "Answer in one word."}]},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": first[1]}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": second[1]}]},
+            ],
+            [first[0], second[0]],
+        )
+    )
     return cases
 
 
@@ -173,7 +204,9 @@ def test_max_tokens_and_stop(server, reference):
     client = client_for(server)
     image, _ = scene(7)
     messages = [{"role": "user", "content": [image_part(image), {"type": "text", "text": "Describe the image."}]}]
-    flashsloth_messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
+    flashsloth_messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}
+    ]
     long_answer, _ = reference(flashsloth_messages, [image], max_new_tokens=24, ban_eos=True)
     words = long_answer.split()
     assert len(words) > 8, long_answer
@@ -202,7 +235,9 @@ def test_seeded_sampling_is_reproducible_and_equals_in_process_sampling(server, 
     client = client_for(server)
     image, _ = scene(8)
     messages = [{"role": "user", "content": [image_part(image), {"type": "text", "text": "Describe the image."}]}]
-    flashsloth_messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
+    flashsloth_messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}
+    ]
     settings = {"temperature": 1.3, "top_p": 0.95}
     answers = {
         seed: reference(flashsloth_messages, [image], max_new_tokens=12, seed=seed, ban_eos=True, **settings)[0]
@@ -224,8 +259,11 @@ def test_concurrent_requests_are_batched_and_answers_unchanged(slow_server, refe
         # Half of them run to their own max_tokens (EOS banned), so the rows of a batch end at different steps.
         ban_eos = seed % 2 == 0
         max_tokens = 4 + seed % 7 if ban_eos else CAP
-        request = {"max_tokens": max_tokens, **({"logit_bias": BAN_EOS} if ban_eos else {}),
-                   "messages": [{"role": "user", "content": [image_part(image), {"type": "text", "text": question}]}]}
+        request = {
+            "max_tokens": max_tokens,
+            **({"logit_bias": BAN_EOS} if ban_eos else {}),
+            "messages": [{"role": "user", "content": [image_part(image), {"type": "text", "text": question}]}],
+        }
         requests.append((request, seed % 3 == 1))
         flashsloth_messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         expected.append(reference(flashsloth_messages, [image], max_new_tokens=max_tokens, ban_eos=ban_eos)[0])
@@ -264,27 +302,99 @@ def test_errors_are_openai_errors_and_the_server_stays_up(server, reference):
     near_context = " ".join(["shape"] * 200)
     cases = [
         (dict(messages=[{"role": "robot", "content": "hi"}]), 400, "unknown_role", "robot"),
-        (dict(messages=[{"role": "user", "content": [image_part(image)] * 3 + [{"type": "text", "text": "?"}]}]),
-         400, "too_many_images", "at most 2"),
-        (dict(messages=[{"role": "user", "content": [image_part(image.resize((600, 600))), {"type": "text", "text": "?"}]}]),
-         400, "image_too_large", "600x600"),
-        (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": bomb_url}}]}]),
-         400, "image_too_large", "12000x12000"),
-        (dict(messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"no image").decode()}}]}]),
-         400, "invalid_image", "Cannot decode"),
-        (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}]}]),
-         400, "invalid_image", "base64"),
-        (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/a.png"}}]}]),
-         400, "remote_images_disabled", "--allow-remote-images"),
+        (
+            dict(messages=[{"role": "user", "content": [image_part(image)] * 3 + [{"type": "text", "text": "?"}]}]),
+            400,
+            "too_many_images",
+            "at most 2",
+        ),
+        (
+            dict(
+                messages=[
+                    {"role": "user", "content": [image_part(image.resize((600, 600))), {"type": "text", "text": "?"}]}
+                ]
+            ),
+            400,
+            "image_too_large",
+            "600x600",
+        ),
+        (
+            dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": bomb_url}}]}]),
+            400,
+            "image_too_large",
+            "12000x12000",
+        ),
+        (
+            dict(
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "image_url",
+                                "image_url": {
+                                    "url": "data:image/png;base64," + base64.b64encode(b"no image").decode()
+                                },
+                            }
+                        ],
+                    }
+                ]
+            ),
+            400,
+            "invalid_image",
+            "Cannot decode",
+        ),
+        (
+            dict(
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}],
+                    }
+                ]
+            ),
+            400,
+            "invalid_image",
+            "base64",
+        ),
+        (
+            dict(
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/a.png"}}],
+                    }
+                ]
+            ),
+            400,
+            "remote_images_disabled",
+            "--allow-remote-images",
+        ),
         (dict(messages=good, max_tokens=CAP + 1), 400, "max_tokens_over_cap", f"cap of {CAP}"),
         (dict(messages=[{"role": "user", "content": long_text}]), 400, "context_length_exceeded", "model_max_length"),
-        (dict(messages=[{"role": "user", "content": near_context}], max_tokens=CAP), 400, "context_length_exceeded",
-         "context is 256 tokens"),
+        (
+            dict(messages=[{"role": "user", "content": near_context}], max_tokens=CAP),
+            400,
+            "context_length_exceeded",
+            "context is 256 tokens",
+        ),
         (dict(messages=good, n=2), 400, None, "'n' must be 1"),
+        (dict(messages=good, top_p=0), 400, None, "'top_p' must be between"),
+        (dict(messages=good, logit_bias={"99999": -100}), 400, None, "not a token id"),
+        (dict(messages=[{"role": "user", "content": "What is <image> here?"}]), 400, None, "reserved"),
+        (
+            dict(messages=[{"role": "user", "content": "hi"}, {"role": "system", "content": "late"}]),
+            400,
+            None,
+            "only be the first",
+        ),
         (dict(messages=good, temperature=-1), 400, None, "'temperature' must be between"),
-        (dict(messages=[{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]), 400, None,
-         "unsupported content part type"),
+        (
+            dict(messages=[{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]),
+            400,
+            None,
+            "unsupported content part type",
+        ),
         (dict(messages=[{"role": "assistant", "content": "hello"}]), 400, None, "last message must be a user"),
         (dict(messages=good, model="gpt-4o"), 404, "model_not_found", "flashsloth-demo"),
     ]
@@ -306,7 +416,9 @@ def test_errors_are_openai_errors_and_the_server_stays_up(server, reference):
     status, body = raw_json(server, "GET", "/v1/nothing")
     assert status == 404 and set(body["error"]) == {"message", "type", "param", "code"}
 
-    expected = reference([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}], [image])[0]
+    expected = reference(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}], [image]
+    )[0]
     assert client.chat.completions.create(model=MODEL_ID, messages=good).choices[0].message.content == expected
     assert call(server, "GET", "/health")[1]["status"] == "ok"
 
@@ -322,8 +434,15 @@ def wait_for(url: str, predicate, timeout: float = 20.0) -> dict:
 
 def test_health_answers_while_generating_and_a_client_that_leaves_frees_its_slot(slow_server):
     image, _ = scene(10)
-    body = {"model": MODEL_ID, "max_tokens": CAP, "stream": True, "logit_bias": BAN_EOS,
-            "messages": [{"role": "user", "content": [image_part(image), {"type": "text", "text": "Describe the image."}]}]}
+    body = {
+        "model": MODEL_ID,
+        "max_tokens": CAP,
+        "stream": True,
+        "logit_bias": BAN_EOS,
+        "messages": [
+            {"role": "user", "content": [image_part(image), {"type": "text", "text": "Describe the image."}]}
+        ],
+    }
     before = call(slow_server, "GET", "/health")[1]
     connection, response = raw_request(slow_server, "POST", "/v1/chat/completions", json.dumps(body).encode())
     try:
@@ -359,8 +478,12 @@ def test_collate_pads_like_the_processor(reference):
     processor = reference.processor
     prompts, images = [], []
     for seed, count in ((1, 1), (2, 0), (3, 2)):
-        content = [{"type": "image"}] * count + [{"type": "text", "text": "What is left of the circle?" * (seed % 2 + 1)}]
-        prompts.append(processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
+        content = [{"type": "image"}] * count + [
+            {"type": "text", "text": "What is left of the circle?" * (seed % 2 + 1)}
+        ]
+        prompts.append(
+            processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        )
         images.append([scene(seed + index)[0] for index in range(count)])
 
     class Alone:
@@ -368,8 +491,10 @@ def test_collate_pads_like_the_processor(reference):
             self.inputs = processor(images=prompt_images or None, text=prompt, return_tensors="pt")
 
     batch = processor(images=images, text=prompts, return_tensors="pt")
-    collated = collate([Alone(prompt, prompt_images) for prompt, prompt_images in zip(prompts, images)],
-                       processor.tokenizer.pad_token_id)
+    collated = collate(
+        [Alone(prompt, prompt_images) for prompt, prompt_images in zip(prompts, images)],
+        processor.tokenizer.pad_token_id,
+    )
     assert set(collated) == set(batch)
     for name in batch:
         torch.testing.assert_close(collated[name], batch[name], rtol=0, atol=0)
@@ -380,3 +505,34 @@ def test_visible_text_holds_back_what_may_change():
     assert visible_text(" red circle on", ("circle",), final=False) == ("red", True)
     assert visible_text(" red \ufffd", (), final=False) == ("red", False)
     assert visible_text(" red  ", (), final=True) == ("red", False)
+
+
+def test_remote_images_only_when_allowed(tmp_path):
+    """--allow-remote-images: an http image is downloaded (here from a server on 127.0.0.1) and checked like any."""
+    import functools
+    import http.server
+
+    from PIL import Image
+
+    from flashsloth.serve.protocol import ApiError, Limits, load_image_url
+
+    scene(1)[0].save(tmp_path / "scene.png")
+    Image.new("1", (12000, 12000)).save(tmp_path / "bomb.png")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{files.server_address[1]}"
+    try:
+        with pytest.raises(ApiError, match="--allow-remote-images"):
+            load_image_url(f"{base}/scene.png", Limits(), "image")
+        allowed = Limits(allow_remote_images=True)
+        image = load_image_url(f"{base}/scene.png", allowed, "image")
+        assert (np.asarray(image) == np.asarray(scene(1)[0])).all()
+        with pytest.raises(ApiError, match="12000x12000") as caught:
+            load_image_url(f"{base}/bomb.png", allowed, "image")
+        assert caught.value.code == "image_too_large"
+        with pytest.raises(ApiError, match="Cannot download"):
+            load_image_url(f"{base}/missing.png", allowed, "image")
+    finally:
+        files.shutdown()

@@ -26,7 +26,9 @@ if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
         "apt-get install -y chromium chromium-driver (.ci/run installs them)",
         allow_module_level=True,
     )
-pytest.importorskip("selenium", reason="the browser test drives Chromium with selenium: pip install 'flashsloth[test]'")
+pytest.importorskip(
+    "selenium", reason="the browser test drives Chromium with selenium: pip install 'flashsloth[test]'"
+)
 pytest.importorskip("fastapi", reason="flashsloth serve needs FastAPI: pip install 'flashsloth[serve]'")
 pytest.importorskip("uvicorn", reason="flashsloth serve needs uvicorn: pip install 'flashsloth[serve]'")
 from selenium import webdriver  # noqa: E402
@@ -49,9 +51,17 @@ def browser(tmp_path):
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for argument in (
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--disable-dev-shm-usage", "--window-size=900,720", f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--window-size=900,720",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
     ):
         options.add_argument(argument)
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)

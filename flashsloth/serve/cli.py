@@ -25,33 +25,69 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="Address to listen on (default: %(default)s, this machine only; 0.0.0.0 opens it to the network).",
     )
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s; 0 picks a free one).")
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                        help="Weights dtype: 'auto' keeps the checkpoint's (default: %(default)s).")
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="Weights dtype: 'auto' keeps the checkpoint's (default: %(default)s).",
+    )
     parser.add_argument("--device", help="Torch device, e.g. cpu, cuda (default: cuda when available, else cpu).")
-    parser.add_argument("--attn", choices=("sdpa", "eager", "flash_attention_2"), default="sdpa",
-                        help="Attention implementation (default: %(default)s).")
+    parser.add_argument(
+        "--attn",
+        choices=("sdpa", "eager", "flash_attention_2"),
+        default="sdpa",
+        help="Attention implementation (default: %(default)s).",
+    )
     batching = parser.add_argument_group("batching")
-    batching.add_argument("--max-batch-size", type=int, default=32,
-                          help="Most requests in one batched generate call; 1 turns batching off (default: %(default)s).")
-    batching.add_argument("--batch-window-ms", type=float, default=10.0,
-                          help="How long the first request of a batch waits for others to join (default: %(default)s).")
-    batching.add_argument("--max-queue", type=int, default=256,
-                          help="Requests waiting beyond this get 503 'server busy' (default: %(default)s).")
+    batching.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=32,
+        help="Most requests in one batched generate call; 1 turns batching off (default: %(default)s).",
+    )
+    batching.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=10.0,
+        help="How long the first request of a batch waits for others to join (default: %(default)s).",
+    )
+    batching.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        help="Requests waiting beyond this get 503 'server busy' (default: %(default)s).",
+    )
     limits = parser.add_argument_group("limits on requests (a request beyond one gets a 4xx error)")
-    limits.add_argument("--max-tokens-cap", type=int, default=512,
-                        help="Largest max_tokens a request may ask for, and the default (default: %(default)s).")
-    limits.add_argument("--max-body-mb", type=float, default=16.0,
-                        help="Largest request body in MiB (default: %(default)s).")
+    limits.add_argument(
+        "--max-tokens-cap",
+        type=int,
+        default=512,
+        help="Largest max_tokens a request may ask for, and the default (default: %(default)s).",
+    )
+    limits.add_argument(
+        "--max-body-mb", type=float, default=16.0, help="Largest request body in MiB (default: %(default)s)."
+    )
     limits.add_argument("--max-images", type=int, default=8, help="Most images per request (default: %(default)s).")
-    limits.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
-                        help="Most pixels per image, checked before decoding it (default: %(default)s).")
-    limits.add_argument("--allow-remote-images", action="store_true",
-                        help="Download http(s) image URLs (off by default: the server then reaches out to any address "
-                        "a client names). data: URLs always work.")
+    limits.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=4096 * 4096,
+        help="Most pixels per image, checked before decoding it (default: %(default)s).",
+    )
+    limits.add_argument(
+        "--allow-remote-images",
+        action="store_true",
+        help="Download http(s) image URLs (off by default: the server then reaches out to any address "
+        "a client names). data: URLs always work.",
+    )
     # For the tests: slows every decoding step so that a request is still running while they look at it.
     parser.add_argument("--step-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)
-    parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
-                        help="uvicorn's log level (default: %(default)s).")
+    parser.add_argument(
+        "--log-level",
+        default="warning",
+        choices=("debug", "info", "warning", "error"),
+        help="uvicorn's log level (default: %(default)s).",
+    )
 
 
 def add_commands(subparsers) -> None:
@@ -96,7 +132,9 @@ def build_server(args: argparse.Namespace):
         from .batching import BatchingEngine
         from .protocol import Limits
     except ImportError as error:
-        raise CliError(f"{error}; `flashsloth serve` needs FastAPI and uvicorn: pip install 'flashsloth[serve]'") from error
+        raise CliError(
+            f"{error}; `flashsloth serve` needs FastAPI and uvicorn: pip install 'flashsloth[serve]'"
+        ) from error
     from ..cli import Assistant
 
     for name in ("max_batch_size", "max_queue", "max_tokens_cap", "max_images", "max_image_pixels"):

@@ -36,17 +36,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="Test a server already running at this URL instead of starting one.")
     parser.add_argument("--clients", type=int, default=32, help="Concurrent clients (default: %(default)s).")
     parser.add_argument("--requests-per-client", type=int, default=4, help="Requests each (default: %(default)s).")
-    parser.add_argument("--max-tokens", type=int, default=48, help="max_tokens of every request (default: %(default)s).")
+    parser.add_argument(
+        "--max-tokens", type=int, default=48, help="max_tokens of every request (default: %(default)s)."
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the scenes and questions (default: %(default)s).")
-    parser.add_argument("--output", default="docs/serving_load", help="Prefix of the .md, .json and .png written "
-                        "(default: %(default)s); '' writes nothing.")
-    parser.add_argument("--no-unbatched", action="store_true",
-                        help="Skip the concurrent run against a server with batching off.")
-    parser.add_argument("--server-arg", action="append", default=[], metavar="ARG",
-                        help="An extra argument for the started servers, e.g. --server-arg=--device=cuda (repeatable).")
-    parser.add_argument("--continuous-batching-check", type=int, metavar="N", default=0,
-                        help="Instead of the load test: answer N questions with transformers' continuous batching "
-                        "(model.generate_batch) and with generate, and count how many agree.")
+    parser.add_argument(
+        "--output",
+        default="docs/serving_load",
+        help="Prefix of the .md, .json and .png written (default: %(default)s); '' writes nothing.",
+    )
+    parser.add_argument(
+        "--no-unbatched", action="store_true", help="Skip the concurrent run against a server with batching off."
+    )
+    parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="An extra argument for the started servers, e.g. --server-arg=--device=cuda (repeatable).",
+    )
+    parser.add_argument(
+        "--continuous-batching-check",
+        type=int,
+        metavar="N",
+        default=0,
+        help="Instead of the load test: answer N questions with transformers' continuous batching "
+        "(model.generate_batch) and with generate, and count how many agree.",
+    )
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -58,7 +74,7 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 def build_requests(count: int, seed: int, max_tokens: int) -> list[dict]:
-    """`count` chat requests, each about its own freshly drawn scene (a PNG data URL); one in four asks for a caption."""
+    """`count` chat requests, each about its own freshly drawn scene (a PNG data URL); one in four asks a caption."""
     from ..training import synthetic
 
     rng = random.Random(f"flashsloth-serve-load-{seed}")
@@ -173,8 +189,11 @@ def run_phase(url: str, requests: list[dict], clients: int, per_client: int) -> 
 
 def summarize(name: str, results: list[dict], wall: float, reference: list[str], health_before, health_after) -> dict:
     answered = [result for result in results if result and "answer" in result]
-    changed = [index for index, result in enumerate(results) if result and "answer" in result
-               and result["answer"] != reference[index]]
+    changed = [
+        index
+        for index, result in enumerate(results)
+        if result and "answer" in result and result["answer"] != reference[index]
+    ]
     others = set(reference)
     latencies = [result["latency"] for result in answered]
     batches = health_after["batches"] - health_before["batches"]
@@ -192,6 +211,10 @@ def summarize(name: str, results: list[dict], wall: float, reference: list[str],
         "latency_p50_s": round(percentile(latencies, 0.5), 4) if latencies else None,
         "latency_p99_s": round(percentile(latencies, 0.99), 4) if latencies else None,
         "latency_mean_s": round(statistics.fmean(latencies), 4) if latencies else None,
+        "server_cpu_s": round(health_after["cpu_seconds"] - health_before["cpu_seconds"], 2),
+        "server_cpu_ms_per_request": round(
+            1000 * (health_after["cpu_seconds"] - health_before["cpu_seconds"]) / max(len(answered), 1), 1
+        ),
         "generate_calls": batches,
         "mean_batch": round(served / batches, 2) if batches else None,
         "largest_batch": health_after["largest_batch"],
@@ -201,9 +224,18 @@ def summarize(name: str, results: list[dict], wall: float, reference: list[str],
 
 
 TABLE_COLUMNS = (
-    ("phase", "phase"), ("requests", "requests"), ("lost", "lost"), ("changed", "changed"), ("wall_s", "wall s"),
-    ("throughput_rps", "req/s"), ("latency_p50_s", "p50 s"), ("latency_p99_s", "p99 s"),
-    ("generate_calls", "generate calls"), ("mean_batch", "mean batch"), ("server_peak_rss_mib", "peak RSS MiB"),
+    ("phase", "phase"),
+    ("requests", "requests"),
+    ("lost", "lost"),
+    ("changed", "changed"),
+    ("wall_s", "wall s"),
+    ("throughput_rps", "req/s"),
+    ("latency_p50_s", "p50 s"),
+    ("latency_p99_s", "p99 s"),
+    ("server_cpu_ms_per_request", "server CPU ms/req"),
+    ("generate_calls", "generate calls"),
+    ("mean_batch", "mean batch"),
+    ("server_peak_rss_mib", "peak RSS MiB"),
 )
 
 
@@ -291,20 +323,34 @@ def run(args: argparse.Namespace) -> dict:
         "phases": rows,
         "speedup_batched_vs_one_at_a_time": round(rows[1]["throughput_rps"] / rows[0]["throughput_rps"], 2),
     }
+    report["cpu_per_request_one_at_a_time_over_batched"] = round(
+        rows[0]["server_cpu_ms_per_request"] / rows[1]["server_cpu_ms_per_request"], 2
+    )
     if len(rows) > 2:
         report["speedup_batched_vs_batching_off"] = round(rows[1]["throughput_rps"] / rows[2]["throughput_rps"], 2)
+        report["cpu_per_request_batching_off_over_batched"] = round(
+            rows[2]["server_cpu_ms_per_request"] / rows[1]["server_cpu_ms_per_request"], 2
+        )
     table = format_table(rows)
     print(table)
-    print(f"batched throughput: {report['speedup_batched_vs_one_at_a_time']}x one at a time"
-          + (f", {report['speedup_batched_vs_batching_off']}x batching off" if len(rows) > 2 else ""))
+    print(
+        f"batched throughput: {report['speedup_batched_vs_one_at_a_time']}x one at a time"
+        + (f", {report['speedup_batched_vs_batching_off']}x batching off" if len(rows) > 2 else "")
+        + f"; server CPU per request: one at a time {report['cpu_per_request_one_at_a_time_over_batched']}x batched"
+    )
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output + ".json").write_text(json.dumps(report, indent=2) + "\n")
         command = " ".join(["flashsloth serve-bench", *sys.argv[2:]]) if sys.argv[1:2] == ["serve-bench"] else None
-        lines = [f"# Load test of `flashsloth serve`\n", f"Command: `{command or 'flashsloth serve-bench'}` on "
-                 f"{report['machine']} (load average {report['load_average_1min_at_end']} at the end); {args.clients} "
-                 f"clients x {args.requests_per_client} requests, max_tokens {args.max_tokens}; "
-                 f"{report['model']}.\n", table, ""]
+        lines = [
+            "# Load test of `flashsloth serve`\n",
+            f"Command: `{command or 'flashsloth serve-bench'}` on "
+            f"{report['machine']} (load average {report['load_average_1min_at_end']} at the end); {args.clients} "
+            f"clients x {args.requests_per_client} requests, max_tokens {args.max_tokens}; "
+            f"{report['model']}.\n",
+            table,
+            "",
+        ]
         Path(args.output + ".md").write_text("\n".join(lines))
         if plot(rows, args.output + ".png"):
             print(f"wrote {args.output}.md, .json and .png")
@@ -339,7 +385,9 @@ def continuous_batching_check(model_dir: str, count: int) -> dict:
         expected.append(processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip())
         prompts.append(inputs["input_ids"][0].tolist())
     config = GenerationConfig(
-        max_new_tokens=8, do_sample=False, eos_token_id=model.generation_config.eos_token_id,
+        max_new_tokens=8,
+        do_sample=False,
+        eos_token_id=model.generation_config.eos_token_id,
         pad_token_id=processor.tokenizer.pad_token_id,
     )
     outputs = model.generate_batch(inputs=prompts, generation_config=config)

@@ -107,8 +107,11 @@ def parse_logit_bias(value, vocab_size: int) -> tuple[tuple[int, float], ...]:
     pairs = []
     for token, bias in value.items():
         if not str(token).isdigit() or not int(token) < vocab_size:
-            raise ApiError(400, f"'logit_bias': {token!r} is not a token id of this model (0 to {vocab_size - 1}).",
-                           param="logit_bias")
+            raise ApiError(
+                400,
+                f"'logit_bias': {token!r} is not a token id of this model (0 to {vocab_size - 1}).",
+                param="logit_bias",
+            )
         if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
             raise ApiError(400, f"'logit_bias' values go from -100 to 100, got {bias!r}.", param="logit_bias")
         pairs.append((int(token), float(bias)))
@@ -139,7 +142,9 @@ def parse_settings(body: dict, limits: Limits, vocab_size: int) -> GenerationSet
     else:
         raise ApiError(400, f"'stop' must be a string or a list of strings, got {stop!r}.", param="stop")
     if len(stop) > MAX_STOP_SEQUENCES or any(not item for item in stop):
-        raise ApiError(400, f"'stop' takes 1 to {MAX_STOP_SEQUENCES} non-empty strings, got {list(stop)!r}.", param="stop")
+        raise ApiError(
+            400, f"'stop' takes 1 to {MAX_STOP_SEQUENCES} non-empty strings, got {list(stop)!r}.", param="stop"
+        )
     n = body.get("n")
     if n is not None and (isinstance(n, bool) or n != 1):
         raise ApiError(400, f"'n' must be 1 (one answer per request), got {body.get('n')!r}.", param="n")
@@ -147,7 +152,7 @@ def parse_settings(body: dict, limits: Limits, vocab_size: int) -> GenerationSet
         logit_bias=parse_logit_bias(body.get("logit_bias"), vocab_size),
         max_tokens=max_tokens,
         temperature=float(_number(body, "temperature", 0.0, 0.0, 2.0)),
-        top_p=float(_number(body, "top_p", 1.0, 0.0, 1.0)),
+        top_p=float(_number(body, "top_p", 1.0, 1e-6, 1.0)),
         stop=stop,
         seed=_number(body, "seed", None, -(2**63), 2**63 - 1, integer=True),
     )
@@ -156,7 +161,9 @@ def parse_settings(body: dict, limits: Limits, vocab_size: int) -> GenerationSet
 def check_image_size(image: Image.Image, limits: Limits, param: str) -> None:
     width, height = image.size
     if width < 1 or height < 1:
-        raise ApiError(400, f"The image at {param} is empty ({width}x{height} pixels).", param=param, code="invalid_image")
+        raise ApiError(
+            400, f"The image at {param} is empty ({width}x{height} pixels).", param=param, code="invalid_image"
+        )
     if width * height > limits.max_image_pixels:
         raise ApiError(
             400,
@@ -168,7 +175,7 @@ def check_image_size(image: Image.Image, limits: Limits, param: str) -> None:
 
 
 def decode_image(data: bytes, limits: Limits, param: str) -> Image.Image:
-    """Open image bytes as RGB: the size is checked from the header before any pixel is decoded (decompression bombs)."""
+    """Open image bytes as RGB; the size is read from the header before any pixel is decoded (decompression bombs)."""
     if len(data) > limits.max_image_bytes:
         raise ApiError(
             400,
@@ -183,7 +190,11 @@ def decode_image(data: bytes, limits: Limits, param: str) -> Image.Image:
             return image.convert("RGB")
     except ApiError:
         raise
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError, SyntaxError) as error:
+    except Image.DecompressionBombError as error:  # PIL's own limit, raised when opening far larger images
+        raise ApiError(
+            400, f"The image at {param} is too large: {error}", param=param, code="image_too_large"
+        ) from error
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
         raise ApiError(
             400,
             f"Cannot decode the image at {param}: {error}. Send a PNG, JPEG, WebP or GIF file.",
@@ -210,14 +221,19 @@ def load_image_url(url, limits: Limits, param: str) -> Image.Image:
         header, comma, payload = url.partition(",")
         if not comma or not header.endswith(";base64"):
             raise ApiError(
-                400, f"{param} must be a base64 data URL ('data:image/png;base64,...').", param=param, code="invalid_image"
+                400,
+                f"{param} must be a base64 data URL ('data:image/png;base64,...').",
+                param=param,
+                code="invalid_image",
             )
         if len(payload) > 4 * (limits.max_image_bytes // 3 + 1):
             decode_image(b"\0" * (limits.max_image_bytes + 1), limits, param)  # raises image_too_large
         try:
             data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError) as error:
-            raise ApiError(400, f"{param} holds invalid base64: {error}.", param=param, code="invalid_image") from error
+            raise ApiError(
+                400, f"{param} holds invalid base64: {error}.", param=param, code="invalid_image"
+            ) from error
         return decode_image(data, limits, param)
     if url.startswith(("http://", "https://")):
         if not limits.allow_remote_images:
@@ -250,7 +266,9 @@ def parse_content(content, role: str, param: str, limits: Limits, images: list) 
             items.append({"type": "text", "text": part["text"]})
         elif kind == "image_url":
             if role != "user":
-                raise ApiError(400, f"{part_param}: images go in user messages, not in '{role}' ones.", param=part_param)
+                raise ApiError(
+                    400, f"{part_param}: images go in user messages, not in '{role}' ones.", param=part_param
+                )
             if len(images) >= limits.max_images:
                 raise ApiError(
                     400,
