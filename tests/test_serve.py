@@ -536,3 +536,37 @@ def test_remote_images_only_when_allowed(tmp_path):
             load_image_url(f"{base}/missing.png", allowed, "image")
     finally:
         files.shutdown()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims `width` x `height` pixels and holds none: what a decompression bomb's header looks like."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def test_image_checks_happen_before_decoding():
+    from flashsloth.serve.protocol import ApiError, Limits, decode_image
+
+    for width, height in ((30000, 30000), (5000, 5000)):  # beyond PIL's own limit, and beyond only the server's
+        with pytest.raises(ApiError) as caught:
+            decode_image(png_header_only(width, height), Limits(), "image")
+        assert caught.value.code == "image_too_large", caught.value.message
+    with pytest.raises(ApiError, match="Cannot decode") as caught:  # a valid header with its pixels missing
+        decode_image(png_header_only(64, 64), Limits(), "image")
+    assert caught.value.code == "invalid_image"
+    buffer = io.BytesIO()
+    scene(2)[0].save(buffer, format="JPEG")
+    assert decode_image(buffer.getvalue(), Limits(), "image").size == (144, 144)
+
+
+def test_serve_listens_on_this_machine_only_by_default():
+    from flashsloth.cli import build_parser
+
+    args = build_parser().parse_args(["serve"])
+    assert (args.host, args.model, args.allow_remote_images) == ("127.0.0.1", str(DEMO_MODEL_DIR), False)
