@@ -570,3 +570,31 @@ def test_serve_listens_on_this_machine_only_by_default():
 
     args = build_parser().parse_args(["serve"])
     assert (args.host, args.model, args.allow_remote_images) == ("127.0.0.1", str(DEMO_MODEL_DIR), False)
+
+
+def test_quantized_server_answers_like_the_fp32_model(reference):
+    """`flashsloth serve --quantize int8` loads the weights quantized (torchao) and, on the demo model, answers
+    every request as the fp32 model does in-process."""
+    pytest.importorskip("torchao", reason="--quantize needs torchao: pip install 'flashsloth[quant]'")
+    from fastapi.testclient import TestClient
+
+    from flashsloth.cli import build_parser
+    from flashsloth.serve.cli import build_server
+
+    args = build_parser().parse_args(["serve", "--quantize", "int8", "--max-batch-size", "4"])
+    app, _ = build_server(args)
+    with TestClient(app) as client:
+        model = app.state.engine.model
+        assert model.config.quantization_config.quant_method == "torchao"
+        assert type(model.model.language_model.layers[0].mlp.fc1.weight.data) is not torch.Tensor  # a torchao tensor
+        for seed in (4, 5, 6):
+            image, question = scene(seed)
+            content = [image_part(image), {"type": "text", "text": question}]
+            response = client.post(
+                "/v1/chat/completions",
+                json={"model": MODEL_ID, "messages": [{"role": "user", "content": content}], "max_tokens": 8},
+            )
+            assert response.status_code == 200, response.text
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+            expected, _ = reference(messages, [image], max_new_tokens=8)
+            assert response.json()["choices"][0]["message"]["content"] == expected

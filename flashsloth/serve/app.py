@@ -119,6 +119,7 @@ def create_app(engine: BatchingEngine, config: ServerConfig) -> FastAPI:
         engine.stop()
 
     app = FastAPI(title="FlashSloth", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.engine = engine  # the loaded model and its batching, for code that embeds the app
     page = (STATIC_DIR / "index.html").read_text()
     vocab_size = engine.model.config.get_text_config().vocab_size
 

@@ -4,6 +4,7 @@ import argparse
 import os
 
 from ..cli_errors import CliError
+from ..cli import QUANTIZE_CHOICES
 from ..demo import DEMO_MODEL_DIR
 
 
@@ -37,6 +38,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("sdpa", "eager", "flash_attention_2"),
         default="sdpa",
         help="Attention implementation (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZE_CHOICES,
+        default=None,
+        help="Quantize the weights while loading, as `flashsloth ask --quantize` does (see docs/quantization.md; "
+        "default: no quantization).",
     )
     batching = parser.add_argument_group("batching")
     batching.add_argument(
