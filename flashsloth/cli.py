@@ -162,6 +162,10 @@ class Assistant:
             )
             if "device_map" not in load_kwargs:
                 self.model.to(device)
+            if getattr(args, "quantize", None):
+                from .quant import finish_loading
+
+                finish_loading(self.model, args.quantize, device)
             self.model.eval()
         except (OSError, ValueError, ImportError, RuntimeError) as error:
             raise CliError(f"cannot load the model {args.model}: {str(error).splitlines()[0]}") from error

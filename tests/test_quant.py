@@ -61,7 +61,7 @@ def logits_and_answers(model, processor, questions):
 
 
 def load(scheme, directory=DEMO_MODEL_DIR):
-    return AutoModelForImageTextToText.from_pretrained(directory, trust_remote_code=True, **quant.load_kwargs(scheme))
+    return quant.load_quantized(directory, scheme, "cpu")
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int8-dynamic", "int4"])
@@ -72,8 +72,10 @@ def test_quantized_demo_model_answers_like_fp32(scheme, fp32_model, processor, q
     for name in quant.MODULES_TO_NOT_CONVERT:  # kept as plain tensors in the checkpoint's dtype
         module = model.get_submodule(name)
         assert all(type(p) is torch.nn.Parameter for p in module.parameters()), name
-    if scheme == "int4":
-        assert model.dtype == torch.bfloat16
+    if scheme == "int4":  # bfloat16 for the int4 kernels, the unquantized image path back in fp32
+        assert model.dtype == torch.bfloat16 and model.lm_head.weight.dtype == torch.bfloat16
+        for name in quant.CPU_INT4_FP32_MODULES:
+            assert {p.dtype for p in model.get_submodule(name).parameters()} == {torch.float32}, name
     reference, reference_answers = logits_and_answers(fp32_model, processor, questions)
     quantized, answers = logits_and_answers(model, processor, questions)
     deviation = (quantized - reference).abs().max() / reference.abs().max()
@@ -138,8 +140,10 @@ def test_int4_without_the_cpu_kernel_says_what_to_choose(monkeypatch):
 
 
 def test_configs_keep_the_small_modules_unquantized():
-    config = quant.quantization_config("int4", "cpu")
+    config = quant.quantization_config("int8", "cpu")
     assert config.modules_to_not_convert == list(quant.MODULES_TO_NOT_CONVERT)
+    config = quant.quantization_config("int4", "cpu")
+    assert set(config.modules_to_not_convert) == {*quant.MODULES_TO_NOT_CONVERT, *quant.CPU_INT4_FP32_MODULES}
     assert type(config.quant_type).__name__ == "PrototypeInt4WeightOnlyConfig"
     assert config.quant_type.group_size == quant.INT4_GROUP_SIZE
     assert quant.load_kwargs("int4")["dtype"] == torch.bfloat16

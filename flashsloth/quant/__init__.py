@@ -3,8 +3,8 @@ Quantized FlashSloth weights through transformers' own integrations: torchao (`T
 bitsandbytes (`BitsAndBytesConfig`, the QLoRA path) on CUDA only. No kernels of our own: this module only picks the
 configuration, the dtype it needs and the modules that stay unquantized, and says clearly when a request cannot work.
 
-    from flashsloth.quant import load_kwargs
-    model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True, **load_kwargs("int4", "cpu"))
+    from flashsloth.quant import load_quantized
+    model = load_quantized(path, "int4", "cpu")  # from_pretrained(..., **load_kwargs("int4", "cpu")) + finish_loading
 
 `flashsloth ask/chat --quantize SCHEME` use the same functions; `flashsloth quant-bench` (`flashsloth.quant.bench`)
 measures every scheme on the full-size model on the CPU. See docs/quantization.md.
@@ -45,6 +45,13 @@ MODULES_TO_NOT_CONVERT = (
 
 
 INT4_GROUP_SIZE = 128
+
+
+# The image path (SigLIP, SAP, projector): with --quantize int4 on the CPU it stays unquantized and goes back to fp32
+# once loaded (`finish_loading`). int4 kernels take bfloat16 activations, but a CPU without AVX512-BF16 or AMX runs
+# bfloat16 matrix products several times slower than fp32 (measured 7x at 128 rows, docs/quantization.md), and the
+# prefill of 729 patches through SigLIP is compute-bound; decoding never reads these weights.
+CPU_INT4_FP32_MODULES = ("model.vision_tower", "model.spatial_pooling", "model.multi_modal_projector")
 
 
 class QuantizationUnavailableError(ValueError):
@@ -152,7 +159,10 @@ def quantization_config(scheme: str, device: str = "cpu"):
             f"--quantize int4 has kernels for the CPU and CUDA, not for {device_type!r}: choose --quantize int8, or "
             "--device cpu."
         )
-    return TorchAoConfig(config, modules_to_not_convert=list(MODULES_TO_NOT_CONVERT))
+    skip = list(MODULES_TO_NOT_CONVERT)
+    if scheme == "int4" and device_type == "cpu":
+        skip += [name for name in CPU_INT4_FP32_MODULES if name not in skip]
+    return TorchAoConfig(config, modules_to_not_convert=skip)
 
 
 def scheme_dtype(scheme: str, device: str = "cpu"):
@@ -180,3 +190,30 @@ def load_kwargs(scheme: str, device: str = "cpu", dtype=None) -> dict:
     if scheme.startswith("bnb-"):
         kwargs["device_map"] = device
     return kwargs
+
+
+def finish_loading(model, scheme: str, device: str = "cpu"):
+    """
+    The step after `from_pretrained(**load_kwargs(scheme, device))`: for int4 on the CPU, put the unquantized image
+    path (`CPU_INT4_FP32_MODULES`) back in fp32 (the model casts between the two: pixels to the vision tower's dtype,
+    the projected image tokens to the language model's). Returns the model.
+    """
+    import torch
+
+    check_scheme(scheme)
+    if scheme == "int4" and _device_type(device) == "cpu":
+        for name in CPU_INT4_FP32_MODULES:
+            model.get_submodule(name).to(torch.float32)
+    return model
+
+
+def load_quantized(path, scheme: str, device: str = "cpu", **kwargs):
+    """`AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True)` quantized with `scheme` for
+    `device`, through `load_kwargs` and `finish_loading`; other keyword arguments go to `from_pretrained`."""
+    from transformers import AutoModelForImageTextToText
+
+    options = {**load_kwargs(scheme, device, kwargs.pop("dtype", None)), **kwargs}
+    model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True, **options)
+    if "device_map" not in options:
+        model.to(device)
+    return finish_loading(model, scheme, device).eval()

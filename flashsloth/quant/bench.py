@@ -60,7 +60,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         help="Memory bandwidth of the machine in GB/s; the decode limit is the decoder's weight bytes over it "
         "(default: %(default)s, measured on the project's 2-core machine).",
     )
-    parser.add_argument("--workdir", default=None, help="Folder for the random checkpoint (default: a temporary one).")
+    parser.add_argument(
+        "--workdir",
+        default=None,
+        help="Folder kept for the random checkpoint, the fp32 logits and each format's result (default: a temporary "
+        "one, removed at the end).",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="With --workdir: reuse the results already there (e.g. after an interrupted full run) and measure only "
+        "the missing formats.",
+    )
     parser.add_argument("--json", default=None, metavar="PATH", help="Write every measurement as JSON.")
     parser.add_argument("--markdown", default=None, metavar="PATH", help="Write the table as markdown.")
     parser.add_argument("--plot", default=None, metavar="PATH", help="Draw a PNG chart (needs matplotlib).")
@@ -122,6 +133,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             _worker(["prepare", "--size", args.size, "--checkpoint", checkpoint], log_path)
         for weights in formats:
             output = os.path.join(workdir, f"{weights}.json")
+            if args.resume and os.path.isfile(output):
+                with open(output) as result:
+                    report["results"].append(json.load(result))
+                continue
             _worker(
                 [
                     "measure",
@@ -244,6 +259,8 @@ def run_quant_bench(args: argparse.Namespace) -> None:
         parse_formats(args.formats)
     except ValueError as error:
         raise CliError(str(error)) from error
+    if args.resume and not args.workdir:
+        raise CliError("--resume needs --workdir, the folder of the earlier run")
     if args.threads < 1 or args.new_tokens < 2 or args.repeats < 1:
         raise CliError("--threads and --repeats must be at least 1, --new-tokens at least 2")
     if "int8" in args.formats or "int4" in args.formats:

@@ -46,12 +46,11 @@ def load_model(path, weights: str):
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from . import load_kwargs
+    from . import load_quantized
 
-    kwargs = {"dtype": torch.float32} if weights == "fp32" else load_kwargs(weights, "cpu")
-    if kwargs["dtype"] == "auto":
-        kwargs["dtype"] = torch.float32
-    return AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True, **kwargs).eval()
+    if weights != "fp32":
+        return load_quantized(path, weights, "cpu")
+    return AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()
 
 
 def demo_scores(formats: list[str], per_kind: int) -> dict:
@@ -119,6 +118,7 @@ def parity_answers(parity_dir: str, formats: list[str], steps: int) -> dict:
 
     from ..conversion.original_layout import convert_original_state_dict, flashsloth_config_from_original
     from ..modeling_flashsloth import FlashSlothForConditionalGeneration
+    from . import finish_loading
 
     results = {}
     for name in ("base", "hd"):
@@ -136,9 +136,8 @@ def parity_answers(parity_dir: str, formats: list[str], steps: int) -> dict:
         with tempfile.TemporaryDirectory() as checkpoint:
             model.save_pretrained(checkpoint)
             for weights in ["fp32", *formats]:
-                quantized = FlashSlothForConditionalGeneration.from_pretrained(
-                    checkpoint, **_class_load_kwargs(weights)
-                ).eval()
+                quantized = FlashSlothForConditionalGeneration.from_pretrained(checkpoint, **_class_load_kwargs(weights))
+                quantized = finish_loading(quantized, weights, "cpu").eval() if weights != "fp32" else quantized.eval()
                 batch = {**inputs, "pixel_values": inputs["pixel_values"].to(quantized.dtype)}
                 with torch.inference_mode():
                     output = quantized.generate(
@@ -155,6 +154,9 @@ def parity_answers(parity_dir: str, formats: list[str], steps: int) -> dict:
                 }
         reference = fixture_result["fp32"]
         reference_logits = reference.pop("logits")
+        top2 = reference_logits.topk(2).values
+        # How close fp32's own first choice is: the gap between its two best logits over the largest |logit|.
+        reference["top2_margin_rel"] = ((top2[0] - top2[1]) / reference_logits.abs().max()).item()
         for weights, result in fixture_result.items():
             pairs = list(zip(result["tokens"], reference["tokens"]))
             result["equal_tokens"] = sum(a == b for a, b in pairs)
@@ -197,8 +199,10 @@ def format_markdown(report: dict) -> str:
             lines.append(f"| {weights} | {score['overall']:.2f} | {score['overall'] - fp32:+.2f} | {per_kind} |")
         lines.append("")
     for name, fixture in report.get("parity", {}).items():
+        margin = fixture["fp32"].get("top2_margin_rel")
         lines += [
-            f"Parity fixture `{name}` (converted original checkpoint), greedy tokens against fp32:",
+            f"Parity fixture `{name}` (converted original checkpoint), greedy tokens against fp32 (fp32's first-step "
+            f"gap between its two best logits: {margin:.4f} of the largest |logit|):",
             "",
             "| format | tokens equal | first difference | logits max rel | logits mean rel |",
             "|---|---:|---:|---:|---:|",

@@ -86,15 +86,16 @@ def load(checkpoint: str, weights: str):
     import torch
 
     from ..modeling_flashsloth import FlashSlothForConditionalGeneration
-    from . import load_kwargs
+    from . import finish_loading, load_kwargs
 
     if weights in ("fp32", "bf16"):
-        kwargs = {"dtype": torch.float32 if weights == "fp32" else torch.bfloat16}
-    else:
-        kwargs = load_kwargs(weights, "cpu")
-        if kwargs["dtype"] == "auto":
-            kwargs["dtype"] = torch.float32
-    return FlashSlothForConditionalGeneration.from_pretrained(checkpoint, **kwargs).eval()
+        dtype = torch.float32 if weights == "fp32" else torch.bfloat16
+        return FlashSlothForConditionalGeneration.from_pretrained(checkpoint, dtype=dtype).eval()
+    kwargs = load_kwargs(weights, "cpu")
+    if kwargs["dtype"] == "auto":
+        kwargs["dtype"] = torch.float32
+    model = FlashSlothForConditionalGeneration.from_pretrained(checkpoint, **kwargs)
+    return finish_loading(model, weights, "cpu").eval()
 
 
 def build_peer(flashsloth, size: str):
