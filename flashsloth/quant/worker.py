@@ -43,6 +43,43 @@ def peak_rss_bytes() -> int:
     raise OSError("/proc/self/status has no VmHWM")
 
 
+def status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS, RssAnon, RssFile, ...) in bytes."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+class AnonymousPeak:
+    """Samples the process's anonymous resident memory (`RssAnon`: heap and tensors, not the page cache of the
+    mmap'd checkpoint, which `VmHWM` also counts) every `interval` seconds in a thread; `peak` is the largest seen
+    since the last `reset`."""
+
+    def __init__(self, interval: float = 0.02):
+        import threading
+
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def _run(self, interval: float):
+        while not self._stop.wait(interval):
+            self.peak = max(self.peak, status_bytes("RssAnon"))
+
+    def reset(self):
+        self.peak = status_bytes("RssAnon")
+
+    def read(self) -> int:
+        self.peak = max(self.peak, status_bytes("RssAnon"))
+        return self.peak
+
+    def stop(self):
+        self._stop.set()
+
+
 def reset_peak_rss() -> None:
     import ctypes
     import ctypes.util
@@ -161,6 +198,7 @@ def measure(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     load_avg_start = os.getloadavg()
+    anonymous = AnonymousPeak()
     start = time.perf_counter()
     flashsloth = load(args.checkpoint, args.scheme)
     load_s = time.perf_counter() - start
@@ -171,6 +209,9 @@ def measure(args: argparse.Namespace) -> dict:
         "threads": args.threads,
         "load_s": load_s,
         "decode_weight_bytes": decode_weight_bytes(flashsloth),
+        # Resident once loaded: all of it, and the part that is not file pages (the checkpoint's mmap is released).
+        "rss_after_load_bytes": status_bytes("VmRSS"),
+        "rss_anon_after_load_bytes": status_bytes("RssAnon"),
         "loadavg_start": load_avg_start,
         "models": {},
     }
@@ -183,6 +224,7 @@ def measure(args: argparse.Namespace) -> dict:
         logits = timing.pop("logits")
         timing["prompt_tokens"] = inputs["input_ids"].shape[1]
         timing["peak_rss_bytes"] = peak_rss_bytes()  # FlashSloth's includes the load; the peer's starts from there
+        timing["peak_anon_rss_bytes"] = anonymous.read()
         reference_path = os.path.join(args.logits_dir, f"{name}.pt")
         if args.scheme == "fp32":
             torch.save(logits, reference_path)
@@ -194,6 +236,8 @@ def measure(args: argparse.Namespace) -> dict:
             timing["top1_equal"] = bool(logits.argmax() == ref.argmax())
         result["models"][name] = timing
         reset_peak_rss()
+        anonymous.reset()
+    anonymous.stop()
     result["loadavg_end"] = os.getloadavg()
     return result
 
