@@ -23,6 +23,7 @@ SUBCOMMAND_MODULES = (
     "flashsloth.bench.soak",
     "flashsloth.serve.cli",
     "flashsloth.quant.bench",
+    "flashsloth.explain",
 )
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZE_CHOICES = ("int8", "int8-dynamic", "int4", "bnb-8bit", "bnb-4bit")  # flashsloth.quant.SCHEMES

@@ -1,8 +1,6 @@
 """PyTorch FlashSloth: SigLIP -> Spatial Attention Pooling -> MLP projector -> decoder LLM with embedded queries."""
 
-import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -10,252 +8,28 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import AttentionMaskInterface, create_causal_mask, eager_mask
-from transformers.modeling_outputs import ModelOutput
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, logging
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_flashsloth import FlashSlothConfig
+from .layout_flashsloth import QueryBlockLayout, attention_pool, build_query_block_layout, window_partition
+from .outputs_flashsloth import (
+    CACHE_ARGUMENT,
+    FlashSlothCausalLMOutputWithPast,
+    FlashSlothImageFeatures,
+    FlashSlothModelOutputWithPast,
+    eager_attention_forward,
+    float32_eager_scores,
+    recorded_attention_weights,
+    renamed_cache_argument,
+    selected_hidden_states,
+)
 
 
 logger = logging.get_logger(__name__)
-
-# transformers 5.25 renamed the cache argument of its decoder layers, masking functions and `generate` from
-# `past_key_values` to `cache` (the old name warns until 5.40), and so the cache field of model outputs, which `generate`
-# reads back. FlashSloth takes either argument, and passes on and returns the cache under the installed name.
-CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
-
-
-@dataclass
-class FlashSlothImageFeatures(ModelOutput):
-    r"""
-    vision_features (`torch.FloatTensor` of shape `(num_crops, num_patches, vision_hidden_size)`):
-        Encoder output at `vision_feature_layer`, before pooling: what EmbQ reads.
-    pooling_weights (`torch.FloatTensor` of shape `(num_crops, num_windows, window_size**2)`):
-        SAP softmax weights over the patches of each window.
-    image_embeds (`torch.FloatTensor` of shape `(num_crops, num_windows, text_hidden_size)`):
-        Pooled and projected image tokens, as they enter the language model.
-    """
-
-    vision_features: torch.FloatTensor | None = None
-    pooling_weights: torch.FloatTensor | None = None
-    image_embeds: torch.FloatTensor | None = None
-
-
-@dataclass
-class FlashSlothModelOutputWithPast(ModelOutput):
-    r"""
-    cache (`Cache`, *optional*):
-        The language model's key/value cache, named `past_key_values` before transformers 5.25.
-    image_hidden_states (`torch.FloatTensor` of shape `(num_crops, num_windows, hidden_size)`, *optional*):
-        The projected image tokens of this forward pass.
-    """
-
-    last_hidden_state: torch.FloatTensor | None = None
-    if CACHE_ARGUMENT == "cache":
-        cache: Cache | None = None
-    else:
-        past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
-    image_hidden_states: torch.FloatTensor | None = None
-
-
-@dataclass
-class FlashSlothCausalLMOutputWithPast(ModelOutput):
-    r"""
-    loss (`torch.FloatTensor` of shape `(1,)`, *optional*, returned when `labels` is provided):
-        Next-token prediction loss over the labelled positions.
-    logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
-        Prediction scores of the language modeling head.
-    cache (`Cache`, *optional*):
-        The language model's key/value cache, named `past_key_values` before transformers 5.25.
-    image_hidden_states (`torch.FloatTensor`, *optional*):
-        The projected image tokens of this forward pass.
-    """
-
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    if CACHE_ARGUMENT == "cache":
-        cache: Cache | None = None
-    else:
-        past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
-    image_hidden_states: torch.FloatTensor | None = None
-
-
-def window_partition(features: torch.Tensor, grid_size: int, window_size: int) -> torch.Tensor:
-    """
-    Cut a row-major patch grid into non-overlapping square windows.
-
-    `features` `(num_crops, grid_size**2, dim)` -> `(num_crops, num_windows, window_size**2, dim)`, windows in
-    row-major order over the grid, patches in row-major order inside a window.
-    """
-    num_crops, _, dim = features.shape
-    windows_per_side = grid_size // window_size
-    features = features.view(num_crops, windows_per_side, window_size, windows_per_side, window_size, dim)
-    features = features.permute(0, 1, 3, 2, 4, 5)
-    return features.reshape(num_crops, windows_per_side**2, window_size**2, dim)
-
-
-def attention_pool(windows: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """
-    Softmax-weighted sum of each window's patches.
-
-    `windows` `(num_crops, num_windows, patches, dim)`, `scores` `(num_crops, num_windows, patches)` ->
-    pooled `(num_crops, num_windows, dim)` and the weights `(num_crops, num_windows, patches)`.
-    """
-    weights = scores.softmax(dim=-1, dtype=torch.float32).to(windows.dtype)
-    pooled = torch.einsum("cwp,cwpd->cwd", weights, windows)
-    return pooled, weights
-
-
-@dataclass
-class QueryBlockLayout:
-    """
-    Where each query block of a batch sits and what it reads in EmbQ. Indices are into the flattened
-    `(batch_size * sequence_length)` token axis, or into the rows of the concatenated raw image features.
-    """
-
-    query_positions: torch.LongTensor  # (num_blocks, num_query_tokens)
-    text_positions: torch.LongTensor  # (num_blocks, max_text_length)
-    text_mask: torch.BoolTensor  # (num_blocks, max_text_length)
-    image_rows: torch.LongTensor  # (num_blocks, max_image_rows)
-    image_mask: torch.BoolTensor  # (num_blocks, max_image_rows)
-
-
-def _first_true_indices(membership: torch.BoolTensor) -> tuple[torch.LongTensor, torch.BoolTensor]:
-    """For each row of a `(rows, columns)` mask: the column indices of its True entries, in order, left-aligned and
-    padded to the longest row (at least 1), with the mask telling which are real."""
-    longest = max(int(membership.sum(dim=1).max()) if membership.numel() else 0, 1)
-    ordered = torch.sort(membership.to(torch.uint8), dim=1, descending=True, stable=True)
-    return ordered.indices[:, :longest], ordered.values[:, :longest].bool()
-
-
-def build_query_block_layout(
-    input_ids: torch.LongTensor,
-    instruction_mask: torch.LongTensor | None,
-    image_num_crops: torch.LongTensor,
-    config: FlashSlothConfig,
-) -> QueryBlockLayout | None:
-    """
-    Locate every query block and what it attends to in EmbQ, without Python loops over samples.
-
-    - A query block is a run of `config.num_query_tokens` query placeholders; blocks are numbered left to right in
-      each sample (1, 2, ...).
-    - Its instruction text is the tokens whose `instruction_mask` value equals its number. Without a mask, it is the
-      text after the latest image block (skipping the one token that follows it, the newline) or query block before
-      it.
-    - Its images are the images of its sample whose placeholders come before it; it reads their un-pooled features.
-
-    Returns `None` when the batch has no query block.
-    """
-    batch_size, sequence_length = input_ids.shape
-    device = input_ids.device
-    num_query_tokens = config.num_query_tokens
-    query_token_mask = input_ids == config.query_token_id
-    queries_per_sample = query_token_mask.sum(dim=1)
-    if not bool(query_token_mask.any()):
-        return None
-    query_positions = query_token_mask.flatten().nonzero().squeeze(1)
-    if bool((queries_per_sample % num_query_tokens).any()) or bool(
-        (query_positions.view(-1, num_query_tokens).diff(dim=1) != 1).any()
-    ):
-        raise ValueError(
-            f"Every query block must hold exactly {num_query_tokens} consecutive query tokens (id "
-            f"{config.query_token_id}); got {queries_per_sample.tolist()} query tokens per sample. Build the inputs "
-            "with the FlashSloth processor, which expands each query placeholder."
-        )
-    query_positions = query_positions.view(-1, num_query_tokens)
-    block_starts = query_positions[:, 0]
-    block_sample = block_starts // sequence_length
-    block_position = block_starts % sequence_length
-    blocks_per_sample = queries_per_sample // num_query_tokens
-    first_block_of_sample = torch.cumsum(blocks_per_sample, 0) - blocks_per_sample
-    block_number = torch.arange(len(block_starts), device=device) - first_block_of_sample[block_sample] + 1
-
-    # Image placeholders, one run of `tokens_per_crop * crops` per image, in batch-then-sequence order.
-    positions = torch.arange(sequence_length, device=device)
-    image_token_mask = input_ids == config.image_token_id
-    tokens_per_image = image_num_crops * config.image_tokens_per_crop
-    image_token_flat = image_token_mask.flatten().nonzero().squeeze(1)
-    image_first_token = image_token_flat[torch.cumsum(tokens_per_image, 0) - tokens_per_image]
-    image_sample = image_first_token // sequence_length
-    image_position = image_first_token % sequence_length
-
-    # Instruction text of each block: (num_blocks, sequence_length) membership in its own sample.
-    if instruction_mask is not None:
-        if instruction_mask.shape[1] < sequence_length:  # uncached generation appends tokens after the prompt
-            instruction_mask = nn.functional.pad(instruction_mask, (0, sequence_length - instruction_mask.shape[1]))
-        text_membership = instruction_mask.to(device)[block_sample] == block_number[:, None]
-    else:
-        before_block = positions[None, :] < block_position[:, None]
-        sample_images = image_token_mask[block_sample] & before_block
-        last_image_token = torch.where(sample_images, positions, -2).amax(dim=1)
-        sample_queries = query_token_mask[block_sample] & before_block
-        last_query_token = torch.where(sample_queries, positions, -1).amax(dim=1)
-        text_start = torch.maximum(last_image_token + 2, last_query_token + 1)
-        text_membership = before_block & (positions[None, :] >= text_start[:, None])
-    text_positions, text_mask = _first_true_indices(text_membership)
-    text_positions = text_positions + (block_sample * sequence_length)[:, None]
-
-    # Raw feature rows of the images each block may read.
-    rows_per_image = image_num_crops * config.patch_grid_size**2
-    row_image = torch.repeat_interleave(torch.arange(len(rows_per_image), device=device), rows_per_image)
-    image_visible = (image_sample[None, :] == block_sample[:, None]) & (image_position[None, :] < block_position[:, None])
-    image_rows, image_mask = _first_true_indices(image_visible[:, row_image])
-
-    return QueryBlockLayout(
-        query_positions=query_positions,
-        text_positions=text_positions,
-        text_mask=text_mask,
-        image_rows=image_rows,
-        image_mask=image_mask,
-    )
-
-
-def eager_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """
-    Eager attention (transformers' formula, with grouped key/value heads repeated) that computes the query-key scores
-    in float32 when the inputs are float16: Phi-2's products overflow float16 (inf, then NaN after the softmax), which
-    is why the original Phi-2 code upcast them too. Other dtypes run exactly transformers' eager operations.
-    """
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    score_dtype = torch.float32 if query.dtype == torch.float16 else query.dtype
-    attn_weights = torch.matmul(query.to(score_dtype), key.to(score_dtype).transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        attn_weights = attn_weights + attention_mask
-    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
-    attn_output = torch.matmul(attn_weights, value)
-    return attn_output.transpose(1, 2).contiguous(), attn_weights
-
-
-# The decoder's "eager" attention runs through `eager_attention_forward` above (see `FlashSlothModel`), registered
-# under its own name so that no other model's eager attention changes.
-UPCAST_EAGER_ATTENTION = "sloth_upcast_eager"  # no "flash" in the name: transformers would take it for flash-attn
-AttentionInterface.register(UPCAST_EAGER_ATTENTION, eager_attention_forward)
-AttentionMaskInterface.register(UPCAST_EAGER_ATTENTION, eager_mask)
-
-
-def use_upcast_eager_attention(config) -> None:
-    """Switch a decoder config from transformers' eager attention to `eager_attention_forward` (same masks)."""
-    if config._attn_implementation == "eager":
-        config._attn_implementation_internal = UPCAST_EAGER_ATTENTION
 
 
 class FlashSlothSpatialAttentionPooling(nn.Module):
@@ -316,7 +90,7 @@ class FlashSlothCrossAttention(nn.Module):
 
     def forward(
         self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_mask: torch.BoolTensor
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         num_blocks, num_queries, _ = queries.shape
         query_states = self.q_proj(queries).view(num_blocks, num_queries, self.num_heads, -1).transpose(1, 2)
         key_states = self.k_proj(keys).view(num_blocks, keys.shape[1], self.num_heads, -1).transpose(1, 2)
@@ -331,17 +105,11 @@ class FlashSlothCrossAttention(nn.Module):
         if implementation is None or implementation.startswith("flash_attention"):
             implementation = "sdpa"
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
-        attn_output, _ = attention_interface(
-            self,
-            query_states,
-            key_states,
-            value_states,
-            attention_mask,
-            dropout=0.0,
-            scaling=self.scaling,
+        attn_output, attn_weights = attention_interface(
+            self, query_states, key_states, value_states, attention_mask, dropout=0.0, scaling=self.scaling,
             is_causal=False,
         )
-        return attn_output.reshape(num_blocks, num_queries, -1)
+        return attn_output.reshape(num_blocks, num_queries, -1), attn_weights
 
 
 class FlashSlothEmbeddedQuery(nn.Module):
@@ -381,11 +149,11 @@ class FlashSlothEmbeddedQuery(nn.Module):
         """
         queries = self.query_norm(self.text_down_proj(query_states))
         text = self.text_norm(self.text_down_proj(text_states))
-        text_context = self.text_attention(queries, text, text, text_mask)
+        text_context, _ = self.text_attention(queries, text, text, text_mask)
         text_context = text_context * text_mask.any(dim=1)[:, None, None].to(text_context.dtype)
 
         image_keys = self.image_norm(self.image_down_proj(vision_features))
-        image_context = self.image_attention(text_context, image_keys, vision_features, image_mask)
+        image_context, _ = self.image_attention(text_context, image_keys, vision_features, image_mask)
         updated = query_states + self.up_proj(image_context)
         return torch.where(image_mask.any(dim=1)[:, None, None], updated, query_states)
 
@@ -410,12 +178,6 @@ class FlashSlothPreTrainedModel(PreTrainedModel):
         if isinstance(module, FlashSlothModel):
             init.normal_(module.query_tokens, mean=0.0, std=self.config.text_config.initializer_range)
 
-    def set_attn_implementation(self, attn_implementation, **kwargs):
-        super().set_attn_implementation(attn_implementation, **kwargs)
-        for module in self.modules():
-            if isinstance(module, FlashSlothModel):
-                module.use_upcast_eager_attention()
-
 
 class FlashSlothModel(FlashSlothPreTrainedModel):
     """The vision encoder, SAP, projector, query tokens, EmbQ and the bare decoder, without a language modeling head."""
@@ -431,13 +193,7 @@ class FlashSlothModel(FlashSlothPreTrainedModel):
         self.query_tokens = nn.Parameter(torch.zeros(config.num_query_tokens, config.text_config.hidden_size))
         self.embedded_query = FlashSlothEmbeddedQuery(config) if config.use_embedded_query else None
         self.language_model = AutoModel.from_config(config.text_config)
-        self.use_upcast_eager_attention()
         self.post_init()
-
-    def use_upcast_eager_attention(self) -> None:
-        """An "eager" decoder computes its attention scores in float32 under float16 (`eager_attention_forward`)."""
-        use_upcast_eager_attention(self.config.text_config)
-        use_upcast_eager_attention(self.language_model.config)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
@@ -445,8 +201,18 @@ class FlashSlothModel(FlashSlothPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module):
         self.language_model.set_input_embeddings(value)
 
-    def get_image_features(self, pixel_values: torch.FloatTensor) -> FlashSlothImageFeatures:
-        """`pixel_values` `(num_crops, channels, height, width)` -> features of every crop (see `FlashSlothImageFeatures`)."""
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: torch.FloatTensor,
+        image_num_crops: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> FlashSlothImageFeatures:
+        """
+        `pixel_values` `(num_crops, channels, height, width)` -> the features of every crop and the image tokens of
+        every image (`image_num_crops` crops each, `config.num_crops` by default): see `FlashSlothImageFeatures`.
+        `output_attentions` and `output_hidden_states` go to the vision tower.
+        """
         channels, size = self.config.vision_config.num_channels, self.config.vision_config.image_size
         if tuple(pixel_values.shape[1:]) != (channels, size, size) or not pixel_values.is_floating_point():
             raise ValueError(
@@ -454,22 +220,53 @@ class FlashSlothModel(FlashSlothPreTrainedModel):
                 f"{tuple(pixel_values.shape)} of {pixel_values.dtype}. Prepare images with the FlashSloth processor."
             )
         # Once per prefill (decoding steps carry no pixels); a compiled prefill skips this host synchronisation.
-        if not torch.compiler.is_compiling() and not bool(torch.isfinite(pixel_values).all()):
+        compiling = torch.compiler.is_compiling()
+        if not compiling and not bool(torch.isfinite(pixel_values).all()):
             raise ValueError(
                 "pixel_values holds NaN or infinite values. Prepare images with the FlashSloth processor, which maps "
                 "pixels to [-1, 1]; check any custom preprocessing for divisions by zero."
             )
-        vision_features = self.vision_tower(pixel_values.to(self.vision_tower.dtype)).last_hidden_state
+        flags = {name: kwargs[name] for name in ("output_attentions", "output_hidden_states") if name in kwargs}
+        vision_outputs = self.vision_tower(pixel_values.to(self.vision_tower.dtype), return_dict=True, **flags)
+        vision_features = vision_outputs.last_hidden_state
         pooled, pooling_weights = self.spatial_pooling(vision_features)
         image_embeds = self.multi_modal_projector(pooled)
+        image_tokens = image_embeds.flatten(0, 1)
+        if image_num_crops is None or compiling:
+            per_image = image_tokens.split(self.config.num_crops * image_embeds.shape[1])
+        else:
+            crops = self._resolve_image_num_crops(image_num_crops, pixel_values.shape[0], pixel_values.device)
+            per_image = image_tokens.split((crops * image_embeds.shape[1]).tolist())
         return FlashSlothImageFeatures(
-            vision_features=vision_features, pooling_weights=pooling_weights, image_embeds=image_embeds
+            last_hidden_state=vision_features,
+            pooler_output=tuple(per_image),
+            hidden_states=vision_outputs.hidden_states,
+            attentions=vision_outputs.attentions,
+            pooling_weights=pooling_weights,
+            image_embeds=image_embeds,
         )
 
     def get_query_embeddings(self) -> torch.Tensor:
         """The learned query tokens plus the input embedding of the anchor token, `(num_query_tokens, hidden_size)`."""
         anchor = torch.tensor(self.config.query_anchor_token_id, device=self.query_tokens.device)
         return self.query_tokens + self.get_input_embeddings()(anchor).to(self.query_tokens.dtype)
+
+    def get_placeholder_ids(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.FloatTensor
+    ) -> torch.LongTensor:
+        """
+        `input_ids`, or for `inputs_embeds` alone, ids holding the image and query placeholder ids where an embedding
+        equals their tokens' input embedding (as LLaVA's `get_placeholder_mask` finds its image tokens) and -1
+        elsewhere: what the image and query insertion and the EmbQ layout read.
+        """
+        if input_ids is not None:
+            return input_ids
+        placeholder_ids = torch.full(inputs_embeds.shape[:2], -1, dtype=torch.long, device=inputs_embeds.device)
+        for token_id in (self.config.image_token_id, self.config.query_token_id):
+            token = torch.tensor(token_id, device=inputs_embeds.device)
+            embedding = self.get_input_embeddings()(token).to(inputs_embeds.dtype)
+            placeholder_ids = placeholder_ids.masked_fill((inputs_embeds == embedding).all(dim=-1), token_id)
+        return placeholder_ids
 
     def insert_query_embeddings(self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor) -> torch.Tensor:
         """Replace every query placeholder by the query embedding of its rank inside its block."""
@@ -534,6 +331,7 @@ class FlashSlothModel(FlashSlothPreTrainedModel):
         return flat_states.view(batch_size, sequence_length, hidden_size)
 
     @can_return_tuple
+    @renamed_cache_argument
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -567,33 +365,41 @@ class FlashSlothModel(FlashSlothPreTrainedModel):
         past_key_values = cache if cache is not None else past_key_values
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds.")
-        if kwargs.pop("output_attentions", False):
-            raise ValueError("FlashSloth does not return attention weights; call it without output_attentions=True.")
+        output_attentions = kwargs.pop("output_attentions", None)
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         has_images = pixel_values is not None and pixel_values.shape[0] > 0
-        if has_images and input_ids is None:
-            raise ValueError("Images need input_ids: their placeholders tell where image and query tokens go.")
         use_cache = use_cache if use_cache is not None else self.config.text_config.use_cache
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
         language_model = self.language_model
 
+        # A decoding step feeds one generated token, never a placeholder: it skips the id check (a host
+        # synchronisation, which a compiled prefill skips too) and the query insertion.
+        is_decoding_step = (input_ids if input_ids is not None else inputs_embeds).shape[1] == 1 and (
+            past_key_values is not None
+        )
         if inputs_embeds is None:
-            # A decoding step feeds one generated token, never a placeholder: it skips the id check (a host
-            # synchronisation, which a compiled prefill skips too) and the query insertion.
-            is_decoding_step = input_ids.shape[1] == 1 and past_key_values is not None
             if not is_decoding_step and not torch.compiler.is_compiling():
                 self._check_token_ids(input_ids)
             inputs_embeds = self.get_input_embeddings()(input_ids)
-            if not is_decoding_step:
-                inputs_embeds = self.insert_query_embeddings(input_ids, inputs_embeds)
+        placeholder_ids = self.get_placeholder_ids(input_ids, inputs_embeds)
+        if not is_decoding_step:
+            inputs_embeds = self.insert_query_embeddings(placeholder_ids, inputs_embeds)
 
-        image_features = None
+        image_outputs = None
         if has_images:
             if query_layout is None:  # `generate` builds it ahead of the prefill
-                query_layout = self.build_query_layout(input_ids, instruction_mask, image_num_crops, pixel_values.shape[0])
-            image_features = self.get_image_features(pixel_values)
-            inputs_embeds = self.insert_image_embeddings(input_ids, inputs_embeds, image_features.image_embeds)
+                query_layout = self.build_query_layout(
+                    placeholder_ids, instruction_mask, image_num_crops, pixel_values.shape[0]
+                )
+            image_outputs = self.get_image_features(
+                pixel_values,
+                image_num_crops,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states is True,
+                return_dict=True,
+            )
+            inputs_embeds = self.insert_image_embeddings(placeholder_ids, inputs_embeds, image_outputs.image_embeds)
         else:
             query_layout = None
 
@@ -616,30 +422,43 @@ class FlashSlothModel(FlashSlothPreTrainedModel):
             hidden_states = language_model.embed_dropout(hidden_states)
         position_embeddings = language_model.rotary_emb(hidden_states, position_ids=position_ids)
 
-        all_hidden_states = () if output_hidden_states else None
-        for layer_index, decoder_layer in enumerate(language_model.layers):
-            if layer_index == self.config.query_layer_index and query_layout is not None:
-                hidden_states = self.apply_embedded_query(hidden_states, query_layout, image_features.vision_features)
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            hidden_states = decoder_layer(
-                hidden_states,
-                attention_mask=causal_mask,
-                position_ids=position_ids,
-                use_cache=use_cache,
-                position_embeddings=position_embeddings,
-                **{CACHE_ARGUMENT: past_key_values},
-                **kwargs,
-            )
+        # Hidden state i enters decoder layer i (after EmbQ at `query_layer_index`); the last one is the normed output.
+        selected, skip_embeddings = selected_hidden_states(output_hidden_states, len(language_model.layers) + 1)
+        all_hidden_states = () if selected is not None else None
+        attention_modules = [layer.self_attn for layer in language_model.layers if hasattr(layer, "self_attn")]
+        query_modules = [self.embedded_query.text_attention, self.embedded_query.image_attention] if (
+            self.embedded_query is not None
+        ) else []
+        with float32_eager_scores(language_model.config, hidden_states.dtype), recorded_attention_weights(
+            attention_modules, output_attentions
+        ) as attentions, recorded_attention_weights(query_modules, output_attentions) as query_attentions:
+            for layer_index, decoder_layer in enumerate(language_model.layers):
+                if layer_index == self.config.query_layer_index and query_layout is not None:
+                    hidden_states = self.apply_embedded_query(hidden_states, query_layout, image_outputs.last_hidden_state)
+                if selected is not None:
+                    all_hidden_states += (hidden_states if layer_index in selected else None,)
+                hidden_states = decoder_layer(
+                    hidden_states,
+                    attention_mask=causal_mask,
+                    position_ids=position_ids,
+                    use_cache=use_cache,
+                    position_embeddings=position_embeddings,
+                    **{CACHE_ARGUMENT: past_key_values},
+                    **kwargs,
+                )
         hidden_states = self._final_norm(hidden_states)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
+        if selected is not None:
+            all_hidden_states += (hidden_states if len(language_model.layers) in selected else None,)
+            all_hidden_states = all_hidden_states[1:] if skip_embeddings else all_hidden_states
 
         return FlashSlothModelOutputWithPast(
             last_hidden_state=hidden_states,
             hidden_states=all_hidden_states,
+            attentions=tuple(attentions) if output_attentions else None,
+            image_hidden_states=image_outputs.image_embeds if image_outputs is not None else None,
+            image_outputs=image_outputs,
+            query_attentions=tuple(query_attentions) if len(query_attentions) == 2 else None,
             **{CACHE_ARGUMENT: past_key_values if use_cache else None},
-            image_hidden_states=image_features.image_embeds if image_features is not None else None,
         )
 
     def _check_token_ids(self, input_ids: torch.LongTensor) -> None:
@@ -682,6 +501,7 @@ class FlashSlothModel(FlashSlothPreTrainedModel):
 
 class FlashSlothForConditionalGeneration(FlashSlothPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}  # as native decoders: the (tied) embedding is sharded too
 
     def __init__(self, config: FlashSlothConfig):
         super().__init__(config)
@@ -702,8 +522,8 @@ class FlashSlothForConditionalGeneration(FlashSlothPreTrainedModel, GenerationMi
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
-    def get_image_features(self, pixel_values: torch.FloatTensor) -> FlashSlothImageFeatures:
-        return self.model.get_image_features(pixel_values)
+    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> FlashSlothImageFeatures:
+        return self.model.get_image_features(pixel_values, **kwargs)
 
     def _expand_inputs_for_generation(
         self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs
@@ -757,6 +577,7 @@ class FlashSlothForConditionalGeneration(FlashSlothPreTrainedModel, GenerationMi
         return model_inputs
 
     @can_return_tuple
+    @renamed_cache_argument
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -801,10 +622,10 @@ class FlashSlothForConditionalGeneration(FlashSlothPreTrainedModel, GenerationMi
             instruction_mask=instruction_mask,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache if cache is not None else past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             query_layout=query_layout,
+            **{CACHE_ARGUMENT: cache if cache is not None else past_key_values},
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -821,7 +642,10 @@ class FlashSlothForConditionalGeneration(FlashSlothPreTrainedModel, GenerationMi
             loss=loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
+            image_outputs=outputs.image_outputs,
+            query_attentions=outputs.query_attentions,
             **{CACHE_ARGUMENT: getattr(outputs, CACHE_ARGUMENT)},
         )
 

@@ -320,7 +320,7 @@ def test_peer_is_native_llava_on_flashsloths_own_modules():
     assert peer.model.language_model is flashsloth.model.language_model and peer.lm_head is flashsloth.lm_head
     inputs = build_inputs(flashsloth.config, "peer", 5, 1, LAYOUT)
     with torch.inference_mode():
-        features = flashsloth.get_image_features(inputs["pixel_values"]).vision_features
+        features = flashsloth.get_image_features(inputs["pixel_values"]).last_hidden_state
         expected = flashsloth.model.multi_modal_projector.linear_2(
             torch.nn.functional.gelu(flashsloth.model.multi_modal_projector.linear_1(features))
         )

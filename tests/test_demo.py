@@ -36,6 +36,8 @@ PACKAGE_DIR = Path(flashsloth.__file__).resolve().parent
 REMOTE_CODE_SOURCES = {
     "configuration_flashsloth.py": PACKAGE_DIR / "configuration_flashsloth.py",
     "modeling_flashsloth.py": PACKAGE_DIR / "modeling_flashsloth.py",
+    "layout_flashsloth.py": PACKAGE_DIR / "layout_flashsloth.py",
+    "outputs_flashsloth.py": PACKAGE_DIR / "outputs_flashsloth.py",
     "image_processing_flashsloth.py": PACKAGE_DIR / "processing" / "image_processing_flashsloth.py",
     "processing_flashsloth.py": PACKAGE_DIR / "processing" / "processing_flashsloth.py",
 }

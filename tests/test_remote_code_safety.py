@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 REMOTE_CODE_FILES = [
     ROOT / "flashsloth" / "configuration_flashsloth.py",
     ROOT / "flashsloth" / "modeling_flashsloth.py",
+    ROOT / "flashsloth" / "layout_flashsloth.py",
+    ROOT / "flashsloth" / "outputs_flashsloth.py",
     ROOT / "flashsloth" / "processing" / "image_processing_flashsloth.py",
     ROOT / "flashsloth" / "processing" / "processing_flashsloth.py",
 ]
@@ -188,7 +190,12 @@ def test_remote_code_imports_only_torch_transformers_pil_numpy_stdlib_and_siblin
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.level:
-                assert node.level == 1 and node.module in {"configuration_flashsloth", "image_processing_flashsloth"}
+                assert node.level == 1 and node.module in {
+                    "configuration_flashsloth",
+                    "layout_flashsloth",
+                    "outputs_flashsloth",
+                    "image_processing_flashsloth",
+                }
             elif isinstance(node, (ast.Import, ast.ImportFrom)):
                 modules = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module]
                 assert {module.split(".")[0] for module in modules} <= allowed_roots, (path.name, modules)
