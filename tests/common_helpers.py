@@ -96,10 +96,10 @@ def fetch_common_tests(version: str = transformers.__version__) -> Path:
             raise CommonTestsUnavailable(
                 f"could not download the transformers {version} sdist (network needed once): {detail[0]}"
             )
-        staging = Path(tempfile.mkdtemp(dir=root.parent if root.parent.exists() else None))
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=root))  # beside the target: the move below stays on one file system
         try:
             _extract_needed(archives[0], staging / PACKAGE)
-            root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(root / PACKAGE, ignore_errors=True)
             os.replace(staging / PACKAGE, root / PACKAGE)
         finally:
