@@ -14,6 +14,7 @@ peer shares every weight of the loaded FlashSloth, so it runs in the same proces
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -101,7 +102,7 @@ def parse_formats(text: str) -> list[str]:
 def _worker(arguments: list[str], log_path: str) -> None:
     command = [sys.executable, "-m", "flashsloth.quant.worker", *arguments]
     with open(log_path, "a") as log:
-        completed = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
+        completed = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False)
     if completed.returncode != 0:
         with open(log_path) as log:
             tail = "".join(log.readlines()[-15:])
@@ -194,6 +195,10 @@ def _deviation(value) -> str:
     return "reference" if value is None else f"{value:.4f}"
 
 
+def _optional(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.2f}"  # NaN: not recorded by the run that measured this format
+
+
 def format_markdown(report: dict) -> str:
     goals = report["goals"]
     rows = table_rows(report)
@@ -220,7 +225,8 @@ def format_markdown(report: dict) -> str:
         lines.append(
             f"| {row['format']} | {row['model']} | {row['prompt_tokens']} | {row['load_s']:.1f} | "
             f"{row['ttft_s']:.2f} | {row['decode_ms']:.0f} | {row['decode_limit_ms']:.0f} | {row['response_s']:.2f} | "
-            f"{row['peak_rss_gb']:.2f} | {row['peak_anon_gb']:.2f} | {row['loaded_rss_gb']:.2f} | {_deviation(row['logit_max_rel'])} | {_deviation(row['logit_mean_rel'])} | "
+            f"{row['peak_rss_gb']:.2f} | {_optional(row['peak_anon_gb'])} | {_optional(row['loaded_rss_gb'])} | "
+            f"{_deviation(row['logit_max_rel'])} | {_deviation(row['logit_mean_rel'])} | "
             f"{'-' if row['top1_equal'] is None else ('yes' if row['top1_equal'] else 'no')} | "
             f"{'-' if row['format'] == 'fp32' else ('yes' if same_tokens else 'no')} |"
         )
