@@ -1,6 +1,7 @@
 """Quantized FlashSloth through transformers' torchao integration (flashsloth.quant), on the embedded demo model:
 logits and greedy answers against fp32, save/reload, the clear errors, the CLI's --quantize."""
 
+import json
 import random
 
 import pytest
@@ -182,3 +183,35 @@ def test_cli_bitsandbytes_without_cuda_is_a_one_line_usage_error(capsys, tmp_pat
     assert code == 2
     error = capsys.readouterr().err
     assert "CUDA GPU only" in error and "--quantize int8 or int4" in error and len(error.strip().splitlines()) == 1
+
+
+def test_quant_bench_refuses_bad_requests_before_any_work(capsys):
+    from flashsloth.quant.bench import parse_formats
+
+    assert parse_formats("int4,fp32,int8") == ["fp32", "int4", "int8"]  # fp32 first: the reference of the deviations
+    with pytest.raises(ValueError, match="unknown fp16; choose from fp32, bf16"):
+        parse_formats("fp16")
+    assert main(["quant-bench", "--formats", "fp16"]) == 2
+    assert main(["quant-bench", "--resume"]) == 2
+    error = capsys.readouterr().err
+    assert "unknown fp16" in error and "--resume needs --workdir" in error
+
+
+def test_quant_bench_worker_measures_a_format_against_fp32(tmp_path):
+    # One worker process pair at the tiny size: the fp32 reference, then int8 compared with it.
+    from flashsloth.quant.worker import main as worker_main
+
+    checkpoint = tmp_path / "random"
+    assert worker_main(["prepare", "--size", "tiny", "--checkpoint", str(checkpoint)]) == 0
+    results = {}
+    for scheme in ("fp32", "int8"):
+        output = tmp_path / f"{scheme}.json"
+        arguments = ["measure", "--size", "tiny", "--checkpoint", str(checkpoint), "--scheme", scheme]
+        arguments += ["--new-tokens", "3", "--logits-dir", str(tmp_path), "--output", str(output)]
+        assert worker_main(arguments) == 0
+        results[scheme] = json.loads(output.read_text())
+    for name in ("flashsloth", "peer"):
+        int8 = results["int8"]["models"][name]
+        assert len(int8["tokens"]) == 3 and int8["ttft_s"] > 0 and int8["decode_s"] > 0
+        assert 0 < int8["logit_max_rel"] < MAX_RELATIVE_DEVIATION["int8"] * 3
+    assert results["int8"]["decode_weight_bytes"] < results["fp32"]["decode_weight_bytes"]
