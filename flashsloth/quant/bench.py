@@ -55,6 +55,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     )
     parser.add_argument("--warmup", action="store_true", help="Generate 2 tokens untimed before the timed runs.")
     parser.add_argument(
+        "--no-peer-formats",
+        default="",
+        metavar="FORMATS",
+        help="Comma-separated formats for which only FlashSloth runs (the peer's 779-token prefill is the longest "
+        "part; e.g. bf16 on a CPU without AVX512-BF16) (default: none).",
+    )
+    parser.add_argument(
         "--bandwidth-gbs",
         type=float,
         default=15.5,
@@ -150,6 +157,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                     "--logits-dir", workdir,
                     "--output", output,
                     *(["--warmup"] if args.warmup else []),
+                    *(["--no-peer"] if weights in args.no_peer_formats.split(",") else []),
                 ],
                 log_path,
             )  # fmt: skip
@@ -221,7 +229,7 @@ def format_markdown(report: dict) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for row in rows:
-        same_tokens = row["tokens"] == reference_tokens[row["model"]]
+        same_tokens = row["tokens"] == reference_tokens.get(row["model"])
         lines.append(
             f"| {row['format']} | {row['model']} | {row['prompt_tokens']} | {row['load_s']:.1f} | "
             f"{row['ttft_s']:.2f} | {row['decode_ms']:.0f} | {row['decode_limit_ms']:.0f} | {row['response_s']:.2f} | "
@@ -247,7 +255,9 @@ def plot_report(report: dict, path: str) -> None:
     width = 0.38
     for axis, (key, title) in zip(axes, panels):
         for offset, model in enumerate(models):
-            values = [next(r[key] for r in rows if r["format"] == f and r["model"] == model) for f in formats]
+            values = [
+                next((r[key] for r in rows if r["format"] == f and r["model"] == model), float("nan")) for f in formats
+            ]
             positions = [index + (offset - 0.5) * width for index in range(len(formats))]
             axis.bar(positions, values, width, label=model)
         if key == "decode_ms":

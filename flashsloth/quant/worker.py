@@ -215,7 +215,7 @@ def measure(args: argparse.Namespace) -> dict:
         "loadavg_start": load_avg_start,
         "models": {},
     }
-    for name, model in (("flashsloth", flashsloth), ("peer", peer)):
+    for name, model in (("flashsloth", flashsloth), ("peer", peer))[: 1 if args.no_peer else 2]:
         inputs = build_inputs(flashsloth.config, name, 1, 1, PromptLayout())
         inputs["pixel_values"] = inputs["pixel_values"].to(flashsloth.dtype)
         if args.warmup:
@@ -256,6 +256,7 @@ def main(argv=None) -> int:
     measure_parser.add_argument("--new-tokens", type=int, default=8)
     measure_parser.add_argument("--repeats", type=int, default=1)
     measure_parser.add_argument("--warmup", action="store_true")
+    measure_parser.add_argument("--no-peer", action="store_true", help="time FlashSloth only")
     measure_parser.add_argument(
         "--logits-dir", required=True, help="where the fp32 run saves its logits and the others read them"
     )
