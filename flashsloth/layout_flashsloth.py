@@ -48,10 +48,19 @@ class QueryBlockLayout:
     image_mask: torch.BoolTensor  # (num_blocks, max_image_rows)
 
 
-def _first_true_indices(membership: torch.BoolTensor) -> tuple[torch.LongTensor, torch.BoolTensor]:
+# Instruction spans are padded to a multiple of this many tokens (or to the whole sequence, if shorter): prompts of one
+# length bucket then give the layout the same shapes, and a compiled prefill serves them all without recompiling.
+TEXT_WIDTH_MULTIPLE = 32
+
+
+def _first_true_indices(
+    membership: torch.BoolTensor, width_multiple: int = 1
+) -> tuple[torch.LongTensor, torch.BoolTensor]:
     """For each row of a `(rows, columns)` mask: the column indices of its True entries, in order, left-aligned and
-    padded to the longest row (at least 1), with the mask telling which are real."""
+    padded to the longest row (at least 1) rounded up to `width_multiple` (at most `columns`), with the mask telling
+    which are real."""
     longest = max(int(membership.sum(dim=1).max()) if membership.numel() else 0, 1)
+    longest = min(-(-longest // width_multiple) * width_multiple, membership.shape[1])
     ordered = torch.sort(membership.to(torch.uint8), dim=1, descending=True, stable=True)
     return ordered.indices[:, :longest], ordered.values[:, :longest].bool()
 
@@ -120,7 +129,7 @@ def build_query_block_layout(
         last_query_token = torch.where(sample_queries, positions, -1).amax(dim=1)
         text_start = torch.maximum(last_image_token + 2, last_query_token + 1)
         text_membership = before_block & (positions[None, :] >= text_start[:, None])
-    text_positions, text_mask = _first_true_indices(text_membership)
+    text_positions, text_mask = _first_true_indices(text_membership, TEXT_WIDTH_MULTIPLE)
     text_positions = text_positions + (block_sample * sequence_length)[:, None]
 
     # Raw feature rows of the images each block may read.

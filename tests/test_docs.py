@@ -94,3 +94,31 @@ def test_readme_command_table_lists_every_command():
     listed = set(re.findall(r"^\| `flashsloth ([a-z-]+)", table, flags=re.MULTILINE))
     commands = set(build_parser()._subparsers._group_actions[0].choices)
     assert listed == commands, f"listed but missing: {listed - commands}; not listed: {commands - listed}"
+
+
+def test_architecture_page_names_code_that_exists():
+    import importlib
+    import inspect
+
+    modules = [
+        importlib.import_module(name)
+        for name in (
+            "flashsloth.modeling_flashsloth",
+            "flashsloth.layout_flashsloth",
+            "flashsloth.outputs_flashsloth",
+            "flashsloth.processing.processing_flashsloth",
+            "flashsloth.processing.image_processing_flashsloth",
+        )
+    ]
+    page = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    steps = page.split("## From the image to the next token", 1)[1].split("\n## ", 1)[0]
+    names = set(
+        re.findall(r"`((?:FlashSloth\w+)(?:\.\w+)?|window_partition|attention_pool|build_query_block_layout)`", steps)
+    )
+    assert len(names) >= 12
+    for name in names:
+        owner_name, _, attribute = name.partition(".")
+        owners = [getattr(module, owner_name) for module in modules if hasattr(module, owner_name)]
+        assert owners, f"docs/architecture.md names {owner_name}, which no model or processing file defines"
+        exists = hasattr(owners[0], attribute) or f"self.{attribute} = " in inspect.getsource(owners[0])  # or a module
+        assert not attribute or exists, f"docs/architecture.md names {name}, which does not exist"

@@ -36,7 +36,9 @@ def run_prefill(model, inputs):
     captured = {}
 
     def capture(module, args, kwargs, output):
-        captured.update(queries=kwargs["query_states"], question=kwargs["text_states"], embq=output)
+        # The instruction span is padded (to a multiple of 32 tokens); the original reads its tokens alone.
+        question = kwargs["text_states"][kwargs["text_mask"]].view(1, -1, kwargs["text_states"].shape[-1])
+        captured.update(queries=kwargs["query_states"], question=question, embq=output)
 
     handle = model.model.embedded_query.register_forward_hook(capture, with_kwargs=True)
     try:
