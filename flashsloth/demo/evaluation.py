@@ -10,9 +10,6 @@ from .recipe import EVAL_SEED
 def evaluate(model, processor, per_kind: int = 500, seed: int = EVAL_SEED, batch_size: int = 50) -> dict:
     """Exact-match accuracy per question kind on `per_kind` fresh synthetic questions of each kind (deterministic by
     `seed`); returns `{"per_kind": {kind: accuracy}, "overall": accuracy, "counts": {kind: n}}`."""
-    import torch
-    from tqdm.auto import tqdm
-
     from ..training import synthetic
 
     image_size = processor.image_processor.size["height"]
@@ -23,8 +20,26 @@ def evaluate(model, processor, per_kind: int = 500, seed: int = EVAL_SEED, batch
             scene, record = synthetic.make_sample(index, 2, rng, kinds=(kind,))
             samples.append((synthetic.render_scene(scene, 2 * image_size, rng), record))
     correct = dict.fromkeys(synthetic.QUESTION_KINDS, 0)
+    for record, right in score_samples(model, processor, samples, batch_size, "evaluating"):
+        correct[record["kind"]] += right
+    per_kind_accuracy = {kind: correct[kind] / per_kind for kind in synthetic.QUESTION_KINDS}
+    return {
+        "per_kind": per_kind_accuracy,
+        "overall": sum(correct.values()) / (per_kind * len(correct)),
+        "counts": dict.fromkeys(synthetic.QUESTION_KINDS, per_kind),
+    }
+
+
+def score_samples(model, processor, samples: list, batch_size: int, description: str):
+    """Greedy answers to `(image, record)` samples in batches; yields `(record, answer_is_right)` (exact match after
+    `normalize_answer`), with a progress bar on a terminal."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..training.synthetic import normalize_answer
+
     model.eval()
-    for start in tqdm(range(0, len(samples), batch_size), desc="evaluating", disable=not sys.stderr.isatty()):
+    for start in tqdm(range(0, len(samples), batch_size), desc=description, disable=not sys.stderr.isatty()):
         batch = samples[start : start + batch_size]
         prompts = [
             processor.apply_chat_template(question_messages(record), add_generation_prompt=True) for _, record in batch
@@ -34,14 +49,7 @@ def evaluate(model, processor, per_kind: int = 500, seed: int = EVAL_SEED, batch
             output_ids = model.generate(**inputs, max_new_tokens=8, do_sample=False)
         answers = processor.batch_decode(output_ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         for answer, (_, record) in zip(answers, batch):
-            expected = record["conversations"][1]["value"]
-            correct[record["kind"]] += synthetic.normalize_answer(answer) == synthetic.normalize_answer(expected)
-    per_kind_accuracy = {kind: correct[kind] / per_kind for kind in synthetic.QUESTION_KINDS}
-    return {
-        "per_kind": per_kind_accuracy,
-        "overall": sum(correct.values()) / (per_kind * len(correct)),
-        "counts": dict.fromkeys(synthetic.QUESTION_KINDS, per_kind),
-    }
+            yield record, normalize_answer(answer) == normalize_answer(record["conversations"][1]["value"])
 
 
 def question_messages(record: dict) -> list[dict]:

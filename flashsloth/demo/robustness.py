@@ -2,9 +2,8 @@
 of drawing (`flashsloth.training.varied_scenes`), as a table and JSON (`flashsloth demo-eval --robustness`)."""
 
 import random
-import sys
 
-from .evaluation import question_messages
+from .evaluation import score_samples
 
 
 # The issue's goal: at least this accuracy in every cell (family x kind), not only on average.
@@ -18,10 +17,7 @@ def evaluate_robustness(model, processor, per_cell: int = 100, seed: int = ROBUS
     `seed`. Returns `{"cells": {family: {kind: accuracy}}, "per_family": {...}, "per_kind": {...}, "overall": float,
     "per_cell": int, "goal": CELL_GOAL, "cells_meeting_goal": int, "cells_total": int}`.
     """
-    import torch
-    from tqdm.auto import tqdm
-
-    from ..training.synthetic import QUESTION_KINDS, normalize_answer
+    from ..training.synthetic import QUESTION_KINDS
     from ..training.varied_scenes import FAMILIES, make_varied_sample
 
     rng = random.Random(f"flashsloth-demo-robustness-{seed}")
@@ -32,19 +28,8 @@ def evaluate_robustness(model, processor, per_cell: int = 100, seed: int = ROBUS
         for index in range(per_cell)
     ]
     correct = {family: dict.fromkeys(QUESTION_KINDS, 0) for family in FAMILIES}
-    model.eval()
-    for start in tqdm(range(0, len(samples), batch_size), desc="robustness", disable=not sys.stderr.isatty()):
-        batch = samples[start : start + batch_size]
-        prompts = [
-            processor.apply_chat_template(question_messages(record), add_generation_prompt=True) for _, record in batch
-        ]
-        inputs = processor(images=[[image] for image, _ in batch], text=prompts, padding=True, return_tensors="pt")
-        with torch.inference_mode():
-            output_ids = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-        answers = processor.batch_decode(output_ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        for answer, (_, record) in zip(answers, batch):
-            expected = record["conversations"][1]["value"]
-            correct[record["family"]][record["kind"]] += normalize_answer(answer) == normalize_answer(expected)
+    for record, right in score_samples(model, processor, samples, batch_size, "robustness"):
+        correct[record["family"]][record["kind"]] += right
     cells = {family: {kind: hits / per_cell for kind, hits in kinds.items()} for family, kinds in correct.items()}
     flat = [accuracy for kinds in cells.values() for accuracy in kinds.values()]
     return {
