@@ -26,6 +26,7 @@ SUBCOMMAND_MODULES = (
     "flashsloth.explain",
 )
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+PREFILL_BUCKET = 64  # `--compile` pads prompts to a multiple of this many tokens
 QUANTIZE_CHOICES = ("int8", "int8-dynamic", "int4", "bnb-8bit", "bnb-4bit")  # flashsloth.quant.SCHEMES
 ATTENTION_CHOICES = ("sdpa", "eager", "flash_attention_2")
 CHAT_EXIT_HINT = "One message per line; an empty line or end of input (Ctrl-D) ends the chat; '/image PATH' adds an image to the next message."
@@ -75,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     model_options.add_argument(
         "--compile",
         action="store_true",
-        help="Decode with a static KV cache and a torch.compile'd decoding step (slow to start, faster per token).",
+        help="Generate with a static KV cache and torch.compile'd prefill and decoding steps (CUDA graphs on a GPU), "
+        f"prompts padded to multiples of {PREFILL_BUCKET} tokens so that one compiled prefill serves each length: "
+        "slow to start, then faster.",
     )
     model_options.add_argument(
         "--quantize",
@@ -187,6 +190,8 @@ class Assistant:
             # generate() compiles on its own only on accelerators; the option asks for it everywhere.
             compile_config._compile_all_devices = True
             self.generate_kwargs.update(cache_implementation="static", compile_config=compile_config)
+            # Prompts left-padded to a length bucket: one compiled prefill (CUDA graphs on a GPU) per bucket.
+            self.processor_kwargs["pad_to_multiple_of"] = PREFILL_BUCKET
 
     def answer(self, messages: list[dict], images: list) -> str:
         """Generate the assistant's reply to `messages`, streaming it to stdout; returns the reply."""
@@ -200,13 +205,16 @@ class Assistant:
             raise CliError(str(error).splitlines()[0]) from error
         inputs = inputs.to(self.model.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        generate_kwargs = dict(self.generate_kwargs)
+        if "compile_config" in generate_kwargs:  # the whole prefill in one compiled chunk
+            generate_kwargs["prefill_chunk_size"] = inputs["input_ids"].shape[1]
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
         failure = []
 
         def generate():
             try:
                 with torch.inference_mode():
-                    self.model.generate(**inputs, **self.generate_kwargs, streamer=streamer)
+                    self.model.generate(**inputs, **generate_kwargs, streamer=streamer)
             except Exception as error:  # re-raised in the main thread once the stream has ended
                 failure.append(error)
                 streamer.end()
