@@ -27,7 +27,7 @@ from flashsloth.bench import (
     operator_counter,
     tiled_peer_config,
 )
-
+from flashsloth.layout_flashsloth import TEXT_WIDTH_MULTIPLE
 
 LAYOUT = PromptLayout()
 SHORT, LONG = 3, 5
@@ -91,7 +91,9 @@ def expected_prefill_flops(config, model_name, crops):
             + linear(patches, text_width, text_width)
             + phi_flops(text, tokens)
         )
-    pooled, queries, question = crops * config.image_tokens_per_crop, config.num_query_tokens, LAYOUT.question_tokens
+    pooled, queries = crops * config.image_tokens_per_crop, config.num_query_tokens
+    # EmbQ reads the instruction padded to a multiple of TEXT_WIDTH_MULTIPLE tokens (a stable shape per length bucket).
+    question = -(-LAYOUT.question_tokens // TEXT_WIDTH_MULTIPLE) * TEXT_WIDTH_MULTIPLE
     query_width, heads = config.query_hidden_size, config.query_num_heads
     sap = linear(patches, width, width) + linear(patches, width, 1) + 2 * patches * width
     projector = linear(pooled, width, text_width) + linear(pooled, text_width, text_width)
