@@ -63,3 +63,12 @@ def test_every_subcommand_module_adds_its_commands(module_name):
         assert command.get_default("handler").__module__.startswith(room), name
     everything = build_parser()._subparsers._group_actions[0].choices
     assert set(subparsers.choices) <= set(everything)
+
+
+def test_the_command_line_starts_without_torch_or_transformers():
+    import subprocess
+    import sys
+
+    code = "import sys, flashsloth.cli as c; c.build_parser(); print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr

@@ -12,11 +12,6 @@ measures every scheme on the full-size model on the CPU. See docs/quantization.m
 
 import importlib.util
 
-from transformers.utils import logging
-
-
-logger = logging.get_logger(__name__)
-
 
 # Scheme names of `--quantize`, with what each one is.
 SCHEMES = {
@@ -185,7 +180,11 @@ def load_kwargs(scheme: str, device: str = "cpu", dtype=None) -> dict:
     config = quantization_config(scheme, device)
     needed = scheme_dtype(scheme, device)
     if needed is not None and dtype not in (None, "auto", needed):
-        logger.warning(f"--quantize {scheme} computes in {needed}; the requested dtype {dtype} is not used")
+        from transformers.utils import logging  # here, not at the top: `flashsloth --help` imports this package
+
+        logging.get_logger(__name__).warning(
+            f"--quantize {scheme} computes in {needed}; the requested dtype {dtype} is not used"
+        )
     kwargs = {"quantization_config": config, "dtype": needed or dtype or "auto"}
     if scheme.startswith("bnb-"):
         kwargs["device_map"] = device
