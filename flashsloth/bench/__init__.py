@@ -15,9 +15,9 @@ image as a 17th, 81 tokens each (1377).
     flashsloth bench --size small --json speed.json --markdown speed.md --plot speed.png
     python -m flashsloth.bench --size tiny
 
-Sizes: `tiny` (a smoke test: the full token geometry with tiny widths), `small` (the full widths and vocabulary with
-both depths cut by 8, so vision and language keep their full-size share of the cost) and `full` (SigLIP so400m +
-Phi-2). torch and transformers are imported only when a benchmark runs, so that `flashsloth --help` stays instant.
+Sizes: `tiny` (a smoke test: the full token geometry with tiny widths), `overhead` (the full depths and token
+geometry with tiny widths: operator counts and host time), `small` (the full widths and vocabulary with both depths
+cut by 8, so vision and language keep their full-size share of the cost) and `full` (SigLIP so400m + Phi-2). torch and transformers are imported only when a benchmark runs, so that `flashsloth --help` stays instant.
 
 Modules: `workloads` (sizes, models, prompts), `counting` (FLOPs, operators, bytes), `timing` (token clock, peak
 memory, prefill parts), `runner` (the run and its medians), `report` (goals, table, chart), `cli` (the command), and

@@ -34,8 +34,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         "--size",
         choices=SIZES,
         default="tiny",
-        help="tiny: smoke test (full token geometry, tiny widths); small: full widths and vocabulary, depths cut by 8 "
-        "(CPU, minutes); full: SigLIP so400m + Phi-2 (GPU, or CPU slowly) (default: %(default)s).",
+        help="tiny: smoke test (full token geometry, tiny widths); overhead: full depths and token geometry at tiny "
+        "widths, for operator counts and host time; small: full widths and vocabulary, depths cut by 8 (CPU, "
+        "minutes); full: SigLIP so400m + Phi-2 (GPU, or CPU slowly) (default: %(default)s).",
     )
     parser.add_argument("--device", default=None, help="Torch device (default: cuda when available, else cpu).")
     parser.add_argument(
