@@ -6,6 +6,7 @@ torch and transformers are imported only when a command runs, so `flashsloth --h
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 import threading
@@ -272,8 +273,15 @@ def run_chat(args: argparse.Namespace) -> None:
         messages.append({"role": "assistant", "content": [{"type": "text", "text": reply}]})
 
 
+# Import-time warnings of torchao (its kernels built for other CUDA and Python versions) and of torch about torchao's
+# enums, printed whenever transformers loads a model with torchao installed: noise for every command, quantized or not.
+QUIETED_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for name in QUIETED_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         args.handler(args)
     except CliError as error:

@@ -378,6 +378,8 @@ def test_demo_command_answers_offline():
     assert lines["Question"].strip().startswith("How many")
     assert lines["Answer"].strip() in {"1", "2", "3", "4"}
     assert "(correct)" in lines["Expected"] or "(wrong)" in lines["Expected"]
+    # The main job's output stays clean: no import-time noise of optional packages (torchao) on stderr.
+    assert "Failed to load" not in result.stderr and "Enum subclass" not in result.stderr, result.stderr[-2000:]
 
 
 def test_demo_command_on_a_missing_image_is_a_clear_error():
