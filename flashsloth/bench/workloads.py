@@ -174,6 +174,11 @@ def build_models(size: str, dtype, device, attn_implementation: str = "sdpa", se
         peer = LlavaForConditionalGeneration._from_config(
             peer_config, dtype=dtype, attn_implementation=attn_implementation
         )
+    return flashsloth.eval(), share_modules(flashsloth, peer).eval()
+
+
+def share_modules(flashsloth, peer):
+    """Give the peer (built on the meta device) FlashSloth's vision tower, projector, decoder and head; returns it."""
     peer.model.vision_tower = flashsloth.model.vision_tower
     peer.model.multi_modal_projector.linear_1 = flashsloth.model.multi_modal_projector.linear_1
     peer.model.multi_modal_projector.linear_2 = flashsloth.model.multi_modal_projector.linear_2
@@ -182,7 +187,7 @@ def build_models(size: str, dtype, device, attn_implementation: str = "sdpa", se
     left_on_meta = [name for name, tensor in [*peer.named_parameters(), *peer.named_buffers()] if tensor.is_meta]
     if left_on_meta:
         raise RuntimeError(f"The peer has modules not shared with FlashSloth: {left_on_meta[:5]}")
-    return flashsloth.eval(), peer.eval()
+    return peer
 
 
 def tiled_peer_config(size: str):

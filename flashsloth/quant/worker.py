@@ -14,24 +14,10 @@ import statistics
 import sys
 import time
 
+from ..bench.timing import TokenClock
+
 
 FORMATS = ("fp32", "bf16", "int8", "int8-dynamic", "int4")  # the benchmark's weights formats (`quant.SCHEMES` + dtypes)
-
-
-class TokenClock:
-    """A `generate` streamer that records when each new token arrives (`generate` hands the prompt first)."""
-
-    def __init__(self):
-        self.arrivals = []
-        self._prompt_seen = False
-
-    def put(self, value):
-        if self._prompt_seen:
-            self.arrivals.append(time.perf_counter())
-        self._prompt_seen = True
-
-    def end(self):
-        pass
 
 
 def peak_rss_bytes() -> int:
@@ -141,20 +127,12 @@ def build_peer(flashsloth, size: str):
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    from ..bench import benchmark_configs
+    from ..bench.workloads import benchmark_configs, share_modules
 
     _, peer_config = benchmark_configs(size)
     with torch.device("meta"):
         peer = LlavaForConditionalGeneration._from_config(peer_config, dtype=flashsloth.dtype)
-    peer.model.vision_tower = flashsloth.model.vision_tower
-    peer.model.multi_modal_projector.linear_1 = flashsloth.model.multi_modal_projector.linear_1
-    peer.model.multi_modal_projector.linear_2 = flashsloth.model.multi_modal_projector.linear_2
-    peer.model.language_model = flashsloth.model.language_model
-    peer.lm_head = flashsloth.lm_head
-    left_on_meta = [name for name, tensor in [*peer.named_parameters(), *peer.named_buffers()] if tensor.is_meta]
-    if left_on_meta:
-        raise RuntimeError(f"the peer has modules not shared with FlashSloth: {left_on_meta[:5]}")
-    return peer.eval()
+    return share_modules(flashsloth, peer).eval()
 
 
 def time_generation(model, inputs: dict, new_tokens: int, repeats: int) -> dict:
