@@ -4,7 +4,7 @@ import argparse
 import os
 
 from ..cli_errors import CliError
-from ..cli import QUANTIZE_CHOICES
+from ..cli import ATTENTION_CHOICES, DTYPE_CHOICES, QUANTIZE_CHOICES
 from ..demo import DEMO_MODEL_DIR
 
 
@@ -28,14 +28,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s; 0 picks a free one).")
     parser.add_argument(
         "--dtype",
-        choices=("auto", "float32", "bfloat16", "float16"),
+        choices=DTYPE_CHOICES,
         default="auto",
         help="Weights dtype: 'auto' keeps the checkpoint's (default: %(default)s).",
     )
     parser.add_argument("--device", help="Torch device, e.g. cpu, cuda (default: cuda when available, else cpu).")
     parser.add_argument(
         "--attn",
-        choices=("sdpa", "eager", "flash_attention_2"),
+        choices=ATTENTION_CHOICES,
         default="sdpa",
         help="Attention implementation (default: %(default)s).",
     )
