@@ -86,6 +86,45 @@ def test_query_block_layout_without_instruction_mask_reads_after_image_and_newli
     assert derived.text_mask[1].sum() > explicit.text_mask[1].sum()
 
 
+def test_query_block_layout_is_host_data_sent_in_two_tensors():
+    """The layout is computed from the ids in Python: building it dispatches at most two tensor operations (creating
+    its two tensors; on a GPU two copies), whatever the batch, instead of a kernel per step of the layout math."""
+    from flashsloth.bench.counting import operator_counter
+
+    config = tiny_config()
+    samples = [make_sample([(1, 1, 4, True), (1, 5, 2, True)], seed=0), make_sample([(1, 1, 3, True)], seed=1)]
+    batch = collate(samples)
+    counter = operator_counter()
+    with counter:
+        layout = build_query_block_layout(batch["input_ids"], batch["instruction_mask"], batch["image_num_crops"], config)
+    assert counter.count <= 2
+    # The same layout from host ids, and the flags EmbQ reads: every block here has text and an image before it.
+    from_lists = build_query_block_layout(
+        batch["input_ids"].tolist(), batch["instruction_mask"].tolist(), batch["image_num_crops"].tolist(), config
+    )
+    for name in ("query_positions", "text_positions", "text_mask", "image_rows", "image_mask", "has_text", "has_image"):
+        assert torch.equal(getattr(layout, name), getattr(from_lists, name)), name
+    assert layout.has_text.tolist() == layout.has_image.tolist() == [True, True, True]
+    assert layout.image_num_crops == (1, 5, 1)
+    # Padded entries point at row 0 and are masked out.
+    assert (layout.image_rows[~layout.image_mask] == 0).all() and (layout.text_positions[~layout.text_mask] == 0).all()
+
+
+def test_query_block_without_image_before_it_is_flagged():
+    """A block whose image comes after it reads no image: EmbQ leaves its query states unchanged."""
+    config = tiny_config()
+    sample = make_sample([(1, 1, 4, True)], seed=2)
+    ids = torch.tensor(sample["input_ids"])
+    image_positions = [p for p, token in enumerate(sample["input_ids"]) if token == IMAGE_TOKEN_ID]
+    query_positions = [p for p, token in enumerate(sample["input_ids"]) if token == QUERY_TOKEN_ID]
+    # Move the image placeholders behind the query block: text, queries, then the image.
+    order = [p for p in range(len(ids)) if p not in image_positions] + image_positions
+    input_ids = ids[order][None]
+    assert query_positions and input_ids[0, -1] == IMAGE_TOKEN_ID
+    layout = build_query_block_layout(input_ids, None, torch.tensor([1]), config)
+    assert layout.has_image.tolist() == [False] and not layout.image_mask.any()
+
+
 def test_query_block_of_wrong_size_is_a_clear_error(model):
     batch = collate([make_sample([(1, 1, 4, True)])])
     batch["input_ids"][0, -2] = QUERY_TOKEN_ID  # a tenth query token

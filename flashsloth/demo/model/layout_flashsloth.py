@@ -1,9 +1,9 @@
-"""Pure tensor layout math of FlashSloth: the SAP window grid and where each EmbQ query block sits and what it reads."""
+"""Layout math of FlashSloth: the SAP window grid (tensor functions) and where each EmbQ query block sits and what it
+reads (host data, built once per prompt)."""
 
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from .configuration_flashsloth import FlashSlothConfig
 
@@ -38,7 +38,8 @@ def attention_pool(windows: torch.Tensor, scores: torch.Tensor) -> tuple[torch.T
 class QueryBlockLayout:
     """
     Where each query block of a batch sits and what it reads in EmbQ. Indices are into the flattened
-    `(batch_size * sequence_length)` token axis, or into the rows of the concatenated raw image features.
+    `(batch_size * sequence_length)` token axis, or into the rows of the concatenated raw image features; padded
+    entries (mask False) hold index 0.
     """
 
     query_positions: torch.LongTensor  # (num_blocks, num_query_tokens)
@@ -46,6 +47,9 @@ class QueryBlockLayout:
     text_mask: torch.BoolTensor  # (num_blocks, max_text_length)
     image_rows: torch.LongTensor  # (num_blocks, max_image_rows)
     image_mask: torch.BoolTensor  # (num_blocks, max_image_rows)
+    has_text: torch.BoolTensor  # (num_blocks,): the block has instruction text to read
+    has_image: torch.BoolTensor  # (num_blocks,): an image comes before the block
+    image_num_crops: tuple[int, ...]  # crops of every image of the batch, in text order
 
 
 # Instruction spans are padded to a multiple of this many tokens (or to the whole sequence, if shorter): prompts of one
@@ -53,26 +57,36 @@ class QueryBlockLayout:
 TEXT_WIDTH_MULTIPLE = 32
 
 
-def _first_true_indices(
-    membership: torch.BoolTensor, width_multiple: int = 1
-) -> tuple[torch.LongTensor, torch.BoolTensor]:
-    """For each row of a `(rows, columns)` mask: the column indices of its True entries, in order, left-aligned and
-    padded to the longest row (at least 1) rounded up to `width_multiple` (at most `columns`), with the mask telling
-    which are real."""
-    longest = max(int(membership.sum(dim=1).max()) if membership.numel() else 0, 1)
-    longest = min(-(-longest // width_multiple) * width_multiple, membership.shape[1])
-    ordered = torch.sort(membership.to(torch.uint8), dim=1, descending=True, stable=True)
-    return ordered.indices[:, :longest], ordered.values[:, :longest].bool()
+def check_image_placeholders(num_image_tokens: int, image_num_crops: list[int], config: FlashSlothConfig) -> None:
+    """Raise a clear error when the prompt's image placeholders do not match the crops of the images."""
+    total_crops = sum(image_num_crops)
+    if num_image_tokens != total_crops * config.image_tokens_per_crop:
+        raise ValueError(
+            f"The prompt holds {num_image_tokens} image tokens (id {config.image_token_id}) but the images give "
+            f"{total_crops * config.image_tokens_per_crop} ({total_crops} crops x {config.image_tokens_per_crop}). "
+            "Each image needs one placeholder in the text; the FlashSloth processor expands it to the right number "
+            "of tokens."
+        )
+
+
+def _padded(rows: list[list[int]], width: int) -> tuple[list[int], list[bool]]:
+    """Rows of indices left-aligned in `width` columns, padded with index 0, flattened, with their validity mask."""
+    indices, mask = [], []
+    for row in rows:
+        indices += row + [0] * (width - len(row))
+        mask += [True] * len(row) + [False] * (width - len(row))
+    return indices, mask
 
 
 def build_query_block_layout(
-    input_ids: torch.LongTensor,
-    instruction_mask: torch.LongTensor | None,
-    image_num_crops: torch.LongTensor,
+    input_ids: torch.LongTensor | list[list[int]],
+    instruction_mask: torch.LongTensor | list[list[int]] | None,
+    image_num_crops: torch.LongTensor | list[int],
     config: FlashSlothConfig,
+    device: torch.device | str | None = None,
 ) -> QueryBlockLayout | None:
     """
-    Locate every query block and what it attends to in EmbQ, without Python loops over samples.
+    Locate every query block and what it attends to in EmbQ.
 
     - A query block is a run of `config.num_query_tokens` query placeholders; blocks are numbered left to right in
       each sample (1, 2, ...).
@@ -81,70 +95,103 @@ def build_query_block_layout(
       it.
     - Its images are the images of its sample whose placeholders come before it; it reads their un-pooled features.
 
-    Returns `None` when the batch has no query block.
+    The layout is host data: the ids are read back once, the layout is computed in Python, and it goes to the device
+    (`device`, by default the ids') as two tensors, which on a GPU is one synchronisation and two copies instead of
+    dozens of small kernels and several synchronisations. Also checks the image placeholders against
+    `image_num_crops`. Returns `None` when the batch has no query block.
     """
-    batch_size, sequence_length = input_ids.shape
-    device = input_ids.device
-    num_query_tokens = config.num_query_tokens
-    query_token_mask = input_ids == config.query_token_id
-    queries_per_sample = query_token_mask.sum(dim=1)
-    if not bool(query_token_mask.any()):
+    if isinstance(input_ids, torch.Tensor):
+        device = input_ids.device if device is None else device
+        input_ids = input_ids.tolist()
+    if isinstance(instruction_mask, torch.Tensor):
+        instruction_mask = instruction_mask.tolist()
+    if isinstance(image_num_crops, torch.Tensor):
+        image_num_crops = image_num_crops.flatten().tolist()
+    num_query_tokens, grid_rows = config.num_query_tokens, config.patch_grid_size**2
+    sequence_length = len(input_ids[0]) if input_ids else 0
+
+    # Image placeholders, one run of `image_tokens_per_crop * crops` per image, in batch-then-sequence order.
+    image_tokens = [
+        (sample, position)
+        for sample, ids in enumerate(input_ids)
+        for position, token in enumerate(ids)
+        if token == config.image_token_id
+    ]
+    check_image_placeholders(len(image_tokens), image_num_crops, config)
+    images = [[] for _ in input_ids]  # per sample: (position of its first placeholder, first feature row, rows)
+    first_token = first_row = 0
+    for crops in image_num_crops:
+        sample, position = image_tokens[first_token]
+        images[sample].append((position, first_row, crops * grid_rows))
+        first_token += crops * config.image_tokens_per_crop
+        first_row += crops * grid_rows
+    last_image_tokens = [[] for _ in input_ids]  # per sample: positions of the last placeholder of each image run
+    for (sample, position), following in zip(image_tokens, image_tokens[1:] + [(None, None)]):
+        if following != (sample, position + 1):
+            last_image_tokens[sample].append(position)
+
+    query_tokens = [[p for p, token in enumerate(ids) if token == config.query_token_id] for ids in input_ids]
+    blocks = []  # (sample, its query positions, its number in the sample)
+    for sample, positions in enumerate(query_tokens):
+        for number, start in enumerate(range(0, len(positions), num_query_tokens), start=1):
+            block = positions[start : start + num_query_tokens]
+            if len(block) != num_query_tokens or block[-1] - block[0] != num_query_tokens - 1:
+                raise ValueError(
+                    f"Every query block must hold exactly {num_query_tokens} consecutive query tokens (id "
+                    f"{config.query_token_id}); got {[len(p) for p in query_tokens]} query tokens per sample. Build "
+                    "the inputs with the FlashSloth processor, which expands each query placeholder."
+                )
+            blocks.append((sample, block, number))
+    if not blocks:
         return None
-    query_positions = query_token_mask.flatten().nonzero().squeeze(1)
-    if bool((queries_per_sample % num_query_tokens).any()) or bool(
-        (query_positions.view(-1, num_query_tokens).diff(dim=1) != 1).any()
-    ):
-        raise ValueError(
-            f"Every query block must hold exactly {num_query_tokens} consecutive query tokens (id "
-            f"{config.query_token_id}); got {queries_per_sample.tolist()} query tokens per sample. Build the inputs "
-            "with the FlashSloth processor, which expands each query placeholder."
+
+    text_rows, image_row_lists = [], []
+    for sample, block, number in blocks:
+        start, offset = block[0], sample * sequence_length
+        if instruction_mask is not None:
+            spans = instruction_mask[sample][:sequence_length]
+            text = [position for position, span in enumerate(spans) if span == number]
+        else:
+            last_image = max((p for p in last_image_tokens[sample] if p < start), default=-2)
+            last_query = max((p for p in query_tokens[sample] if p < start), default=-1)
+            text = list(range(max(last_image + 2, last_query + 1), start))
+        text_rows.append([offset + position for position in text])
+        image_row_lists.append(
+            [row for position, first, rows in images[sample] if position < start for row in range(first, first + rows)]
         )
-    query_positions = query_positions.view(-1, num_query_tokens)
-    block_starts = query_positions[:, 0]
-    block_sample = block_starts // sequence_length
-    block_position = block_starts % sequence_length
-    blocks_per_sample = queries_per_sample // num_query_tokens
-    first_block_of_sample = torch.cumsum(blocks_per_sample, 0) - blocks_per_sample
-    block_number = torch.arange(len(block_starts), device=device) - first_block_of_sample[block_sample] + 1
+    longest_text = max(max(map(len, text_rows)), 1)
+    text_width = min(-(-longest_text // TEXT_WIDTH_MULTIPLE) * TEXT_WIDTH_MULTIPLE, sequence_length)
+    image_width = min(max(max(map(len, image_row_lists)), 1), max(first_row, 1))
+    text_positions, text_mask = _padded(text_rows, text_width)
+    image_rows, image_mask = _padded(image_row_lists, image_width)
+    query_positions = [sample * sequence_length + position for sample, block, _ in blocks for position in block]
 
-    # Image placeholders, one run of `tokens_per_crop * crops` per image, in batch-then-sequence order.
-    positions = torch.arange(sequence_length, device=device)
-    image_token_mask = input_ids == config.image_token_id
-    tokens_per_image = image_num_crops * config.image_tokens_per_crop
-    image_token_flat = image_token_mask.flatten().nonzero().squeeze(1)
-    image_first_token = image_token_flat[torch.cumsum(tokens_per_image, 0) - tokens_per_image]
-    image_sample = image_first_token // sequence_length
-    image_position = image_first_token % sequence_length
-
-    # Instruction text of each block: (num_blocks, sequence_length) membership in its own sample.
-    if instruction_mask is not None:
-        if instruction_mask.shape[1] < sequence_length:  # uncached generation appends tokens after the prompt
-            instruction_mask = nn.functional.pad(instruction_mask, (0, sequence_length - instruction_mask.shape[1]))
-        text_membership = instruction_mask.to(device)[block_sample] == block_number[:, None]
-    else:
-        before_block = positions[None, :] < block_position[:, None]
-        sample_images = image_token_mask[block_sample] & before_block
-        last_image_token = torch.where(sample_images, positions, -2).amax(dim=1)
-        sample_queries = query_token_mask[block_sample] & before_block
-        last_query_token = torch.where(sample_queries, positions, -1).amax(dim=1)
-        text_start = torch.maximum(last_image_token + 2, last_query_token + 1)
-        text_membership = before_block & (positions[None, :] >= text_start[:, None])
-    text_positions, text_mask = _first_true_indices(text_membership, TEXT_WIDTH_MULTIPLE)
-    text_positions = text_positions + (block_sample * sequence_length)[:, None]
-
-    # Raw feature rows of the images each block may read.
-    rows_per_image = image_num_crops * config.patch_grid_size**2
-    row_image = torch.repeat_interleave(torch.arange(len(rows_per_image), device=device), rows_per_image)
-    image_visible = (image_sample[None, :] == block_sample[:, None]) & (image_position[None, :] < block_position[:, None])
-    image_rows, image_mask = _first_true_indices(image_visible[:, row_image])
-
+    num_blocks = len(blocks)
+    indices = torch.tensor(query_positions + text_positions + image_rows, dtype=torch.long, device=device)
+    flags = [bool(row) for row in text_rows] + [bool(rows) for rows in image_row_lists]
+    masks = torch.tensor(text_mask + image_mask + flags, dtype=torch.bool, device=device)
+    query_positions, text_positions, image_rows = indices.split(
+        [num_blocks * num_query_tokens, num_blocks * text_width, num_blocks * image_width]
+    )
+    text_mask, image_mask, has_text, has_image = masks.split(
+        [num_blocks * text_width, num_blocks * image_width, num_blocks, num_blocks]
+    )
     return QueryBlockLayout(
-        query_positions=query_positions,
-        text_positions=text_positions,
-        text_mask=text_mask,
-        image_rows=image_rows,
-        image_mask=image_mask,
+        query_positions=query_positions.view(num_blocks, num_query_tokens),
+        text_positions=text_positions.view(num_blocks, text_width),
+        text_mask=text_mask.view(num_blocks, text_width),
+        image_rows=image_rows.view(num_blocks, image_width),
+        image_mask=image_mask.view(num_blocks, image_width),
+        has_text=has_text,
+        has_image=has_image,
+        image_num_crops=tuple(image_num_crops),
     )
 
 
-__all__ = ["QueryBlockLayout", "attention_pool", "build_query_block_layout", "window_partition"]
+__all__ = [
+    "QueryBlockLayout",
+    "attention_pool",
+    "build_query_block_layout",
+    "check_image_placeholders",
+    "window_partition",
+]

@@ -15,7 +15,13 @@ from transformers.utils import TransformersKwargs, logging
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_flashsloth import FlashSlothConfig
-from .layout_flashsloth import QueryBlockLayout, attention_pool, build_query_block_layout, window_partition
+from .layout_flashsloth import (
+    QueryBlockLayout,
+    attention_pool,
+    build_query_block_layout,
+    check_image_placeholders,
+    window_partition,
+)
 from .outputs_flashsloth import (
     CACHE_ARGUMENT,
     FlashSlothCausalLMOutputWithPast,
@@ -140,22 +146,24 @@ class FlashSlothEmbeddedQuery(nn.Module):
         text_mask: torch.BoolTensor,
         vision_features: torch.Tensor,
         image_mask: torch.BoolTensor,
+        has_text: torch.BoolTensor,
+        has_image: torch.BoolTensor,
     ) -> torch.Tensor:
         """
         query_states `(num_blocks, num_query_tokens, text_hidden)`, text_states `(num_blocks, text_length,
-        text_hidden)`, vision_features `(num_blocks, image_rows, vision_hidden)` with their key masks. Returns the new
-        query states; blocks without an image before them are returned unchanged, blocks without instruction text
-        read no text.
+        text_hidden)`, vision_features `(num_blocks, image_rows, vision_hidden)` with their key masks, and per block
+        whether it has any text (`has_text`) and any image (`has_image`) to read. Returns the new query states; blocks
+        without an image before them are returned unchanged, blocks without instruction text read no text.
         """
         queries = self.query_norm(self.text_down_proj(query_states))
         text = self.text_norm(self.text_down_proj(text_states))
         text_context, _ = self.text_attention(queries, text, text, text_mask)
-        text_context = text_context * text_mask.any(dim=1)[:, None, None].to(text_context.dtype)
+        text_context = torch.where(has_text[:, None, None], text_context, 0.0)
 
         image_keys = self.image_norm(self.image_down_proj(vision_features))
         image_context, _ = self.image_attention(text_context, image_keys, vision_features, image_mask)
         updated = query_states + self.up_proj(image_context)
-        return torch.where(image_mask.any(dim=1)[:, None, None], updated, query_states)
+        return torch.where(has_image[:, None, None], updated, query_states)
 
 
 class FlashSlothPreTrainedModel(PreTrainedModel):
@@ -210,7 +218,8 @@ class FlashSlothModel(FlashSlothPreTrainedModel):
     ) -> FlashSlothImageFeatures:
         """
         `pixel_values` `(num_crops, channels, height, width)` -> the features of every crop and the image tokens of
-        every image (`image_num_crops` crops each, `config.num_crops` by default): see `FlashSlothImageFeatures`.
+        every image (`image_num_crops` crops each, a tensor or host ints, `config.num_crops` by default): see
+        `FlashSlothImageFeatures`.
         `output_attentions` and `output_hidden_states` go to the vision tower.
         """
         channels, size = self.config.vision_config.num_channels, self.config.vision_config.image_size
@@ -232,11 +241,11 @@ class FlashSlothModel(FlashSlothPreTrainedModel):
         pooled, pooling_weights = self.spatial_pooling(vision_features)
         image_embeds = self.multi_modal_projector(pooled)
         image_tokens = image_embeds.flatten(0, 1)
-        if image_num_crops is None or compiling:
+        if image_num_crops is None or (compiling and isinstance(image_num_crops, torch.Tensor)):
             per_image = image_tokens.split(self.config.num_crops * image_embeds.shape[1])
         else:
-            crops = self._resolve_image_num_crops(image_num_crops, pixel_values.shape[0], pixel_values.device)
-            per_image = image_tokens.split((crops * image_embeds.shape[1]).tolist())
+            crops = self._image_crop_counts(image_num_crops, pixel_values.shape[0])
+            per_image = image_tokens.split([count * image_embeds.shape[1] for count in crops])
         return FlashSlothImageFeatures(
             last_hidden_state=vision_features,
             pooler_output=tuple(per_image),
@@ -268,12 +277,22 @@ class FlashSlothModel(FlashSlothPreTrainedModel):
             placeholder_ids = placeholder_ids.masked_fill((inputs_embeds == embedding).all(dim=-1), token_id)
         return placeholder_ids
 
-    def insert_query_embeddings(self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor) -> torch.Tensor:
-        """Replace every query placeholder by the query embedding of its rank inside its block."""
+    def insert_query_embeddings(
+        self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor, query_layout: QueryBlockLayout | None = None
+    ) -> torch.Tensor:
+        """Replace every query placeholder by the query embedding of its rank inside its block: at the layout's query
+        positions when there is a layout, else wherever `input_ids` holds a query placeholder."""
+        query_embeds = self.get_query_embeddings().to(inputs_embeds.device, inputs_embeds.dtype)
+        if query_layout is not None:
+            batch_size, sequence_length, hidden_size = inputs_embeds.shape
+            query_positions = query_layout.query_positions.to(inputs_embeds.device)
+            flat_embeds = inputs_embeds.reshape(batch_size * sequence_length, hidden_size).index_copy(
+                0, query_positions.flatten(), query_embeds.repeat(query_positions.shape[0], 1)
+            )
+            return flat_embeds.view(batch_size, sequence_length, hidden_size)
         query_token_mask = input_ids == self.config.query_token_id
         rank_in_block = (torch.cumsum(query_token_mask, dim=1) - 1).clamp(min=0) % self.config.num_query_tokens
-        query_embeds = self.get_query_embeddings().to(inputs_embeds.device, inputs_embeds.dtype)[rank_in_block]
-        return torch.where(query_token_mask[..., None], query_embeds, inputs_embeds)
+        return torch.where(query_token_mask[..., None], query_embeds[rank_in_block], inputs_embeds)
 
     def insert_image_embeddings(
         self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor, image_embeds: torch.Tensor
@@ -291,23 +310,19 @@ class FlashSlothModel(FlashSlothPreTrainedModel):
         total_crops: int,
     ) -> QueryBlockLayout | None:
         """
-        Check that the image placeholders of `input_ids` match `total_crops`, then build the EmbQ layout of the batch
-        (see `build_query_block_layout`); `None` without EmbQ or query blocks. Both synchronise with the host: `generate`
-        calls this eagerly, ahead of a prefill that may be compiled, and a compiled call skips the check.
+        Check the prompt's token ids and image placeholders against the vocabulary and `total_crops`, then build the
+        EmbQ layout of the batch (see `build_query_block_layout`); `None` without EmbQ or query blocks. The ids are
+        read back to the host once, for both: `generate` calls this eagerly, ahead of a prefill that may be compiled.
         """
-        if not torch.compiler.is_compiling():
-            num_image_tokens = int((input_ids == self.config.image_token_id).sum())
-            if num_image_tokens != total_crops * self.config.image_tokens_per_crop:
-                raise ValueError(
-                    f"The prompt holds {num_image_tokens} image tokens (id {self.config.image_token_id}) but the images "
-                    f"give {total_crops * self.config.image_tokens_per_crop} ({total_crops} crops x "
-                    f"{self.config.image_tokens_per_crop}). Each image needs one placeholder in the text; the FlashSloth "
-                    "processor expands it to the right number of tokens."
-                )
+        image_num_crops = self._image_crop_counts(image_num_crops, total_crops)
         if self.embedded_query is None:
+            self._check_token_ids(input_ids)
+            num_image_tokens = int((input_ids == self.config.image_token_id).sum())
+            check_image_placeholders(num_image_tokens, image_num_crops, self.config)
             return None
-        image_num_crops = self._resolve_image_num_crops(image_num_crops, total_crops, input_ids.device)
-        return build_query_block_layout(input_ids, instruction_mask, image_num_crops, self.config)
+        device, input_ids = input_ids.device, input_ids.tolist()
+        self._check_token_ids(input_ids)
+        return build_query_block_layout(input_ids, instruction_mask, image_num_crops, self.config, device=device)
 
     def apply_embedded_query(
         self, hidden_states: torch.Tensor, layout: QueryBlockLayout, vision_features: torch.Tensor
@@ -324,6 +339,8 @@ class FlashSlothModel(FlashSlothPreTrainedModel):
             text_mask=layout.text_mask.to(device),
             vision_features=vision_features[layout.image_rows.to(device)],
             image_mask=layout.image_mask.to(device),
+            has_text=layout.has_text.to(device),
+            has_image=layout.has_image.to(device),
         )
         flat_states = flat_states.index_copy(
             0, query_positions.flatten(), new_query_states.reshape(-1, hidden_size).to(flat_states.dtype)
@@ -379,29 +396,30 @@ class FlashSlothModel(FlashSlothPreTrainedModel):
             past_key_values is not None
         )
         if inputs_embeds is None:
-            if not is_decoding_step and not torch.compiler.is_compiling():
+            # With images the layout checks the ids; `generate` builds it, and so checks them, ahead of the prefill.
+            if not (is_decoding_step or has_images or torch.compiler.is_compiling()):
                 self._check_token_ids(input_ids)
             inputs_embeds = self.get_input_embeddings()(input_ids)
         placeholder_ids = self.get_placeholder_ids(input_ids, inputs_embeds)
+        if has_images and query_layout is None:
+            query_layout = self.build_query_layout(
+                placeholder_ids, instruction_mask, image_num_crops, pixel_values.shape[0]
+            )
+        if not has_images:
+            query_layout = None
         if not is_decoding_step:
-            inputs_embeds = self.insert_query_embeddings(placeholder_ids, inputs_embeds)
+            inputs_embeds = self.insert_query_embeddings(placeholder_ids, inputs_embeds, query_layout)
 
         image_outputs = None
         if has_images:
-            if query_layout is None:  # `generate` builds it ahead of the prefill
-                query_layout = self.build_query_layout(
-                    placeholder_ids, instruction_mask, image_num_crops, pixel_values.shape[0]
-                )
             image_outputs = self.get_image_features(
                 pixel_values,
-                image_num_crops,
+                query_layout.image_num_crops if query_layout is not None else image_num_crops,
                 output_attentions=output_attentions,
                 output_hidden_states=output_hidden_states is True,
                 return_dict=True,
             )
             inputs_embeds = self.insert_image_embeddings(placeholder_ids, inputs_embeds, image_outputs.image_embeds)
-        else:
-            query_layout = None
 
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config.text_config)
@@ -461,11 +479,14 @@ class FlashSlothModel(FlashSlothPreTrainedModel):
             **{CACHE_ARGUMENT: past_key_values if use_cache else None},
         )
 
-    def _check_token_ids(self, input_ids: torch.LongTensor) -> None:
-        """Raise a clear error for ids outside the vocabulary (the embedding would fail deep inside torch, or with a
-        device-side assertion that ends the CUDA context)."""
+    def _check_token_ids(self, input_ids: torch.LongTensor | list[list[int]]) -> None:
+        """Raise a clear error for ids (a tensor or host ids) outside the vocabulary (the embedding would fail deep
+        inside torch, or with a device-side assertion that ends the CUDA context)."""
         vocab_size = self.get_input_embeddings().num_embeddings
-        low, high = int(input_ids.min()), int(input_ids.max())
+        if isinstance(input_ids, torch.Tensor):
+            low, high = (int(bound) for bound in torch.aminmax(input_ids))
+        else:
+            low, high = min(map(min, input_ids)), max(map(max, input_ids))
         if low < 0 or high >= vocab_size:
             raise ValueError(
                 f"input_ids holds ids in [{low}, {high}], outside the vocabulary [0, {vocab_size}). Tokenize with this "
@@ -480,23 +501,26 @@ class FlashSlothModel(FlashSlothPreTrainedModel):
                 return norm(hidden_states)
         raise TypeError(f"{type(self.language_model).__name__} has no final norm named `final_layernorm` or `norm`.")
 
-    def _resolve_image_num_crops(
-        self, image_num_crops: torch.LongTensor | None, total_crops: int, device: torch.device
-    ) -> torch.LongTensor:
+    def _image_crop_counts(self, image_num_crops: torch.LongTensor | list[int] | None, total_crops: int) -> list[int]:
+        """The crops of every image as host ints (`config.num_crops` each when not given), checked against the
+        `total_crops` of `pixel_values`."""
         if image_num_crops is None:
             if total_crops % self.config.num_crops:
                 raise ValueError(
                     f"Got {total_crops} crops, not a multiple of config.num_crops={self.config.num_crops}; pass "
                     "image_num_crops (the processor's output) to say how many crops each image has."
                 )
-            return torch.full((total_crops // self.config.num_crops,), self.config.num_crops, device=device)
-        image_num_crops = torch.as_tensor(image_num_crops, device=device).flatten()
-        if int(image_num_crops.sum()) != total_crops:
+            return [self.config.num_crops] * (total_crops // self.config.num_crops)
+        if isinstance(image_num_crops, torch.Tensor):
+            crops = image_num_crops.flatten().tolist()
+        else:
+            crops = [int(count) for count in image_num_crops]
+        if sum(crops) != total_crops:
             raise ValueError(
-                f"image_num_crops adds up to {int(image_num_crops.sum())} crops but pixel_values holds {total_crops}. "
+                f"image_num_crops adds up to {sum(crops)} crops but pixel_values holds {total_crops}. "
                 "Pass the image_num_crops that the processor returned with these pixel_values."
             )
-        return image_num_crops
+        return crops
 
 
 class FlashSlothForConditionalGeneration(FlashSlothPreTrainedModel, GenerationMixin):
@@ -537,8 +561,9 @@ class FlashSlothForConditionalGeneration(FlashSlothPreTrainedModel, GenerationMi
         if expand_size == 1 or input_ids is None or pixel_values is None or pixel_values.shape[0] == 0:
             return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
         pixel_values = model_kwargs.pop("pixel_values")
-        image_num_crops = self.model._resolve_image_num_crops(
-            model_kwargs.pop("image_num_crops", None), pixel_values.shape[0], input_ids.device
+        image_num_crops = torch.tensor(
+            self.model._image_crop_counts(model_kwargs.pop("image_num_crops", None), pixel_values.shape[0]),
+            device=input_ids.device,
         )
         crops_per_sample = (input_ids == self.config.image_token_id).sum(dim=1) // self.config.image_tokens_per_crop
         image_sample = torch.searchsorted(crops_per_sample.cumsum(0), image_num_crops.cumsum(0))
