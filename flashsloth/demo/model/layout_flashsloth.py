@@ -39,7 +39,7 @@ class QueryBlockLayout:
     """
     Where each query block of a batch sits and what it reads in EmbQ. Indices are into the flattened
     `(batch_size * sequence_length)` token axis, or into the rows of the concatenated raw image features; padded
-    entries (mask False) hold index 0.
+    entries (mask False) hold a valid index: 0 for text, the block's last image row for images.
     """
 
     query_positions: torch.LongTensor  # (num_blocks, num_query_tokens)
@@ -96,8 +96,8 @@ def build_query_block_layout(
     - Its images are the images of its sample whose placeholders come before it; it reads their un-pooled features.
 
     The layout is host data: the ids are read back once, the layout is computed in Python, and it goes to the device
-    (`device`, by default the ids') as two tensors, which on a GPU is one synchronisation and two copies instead of
-    dozens of small kernels and several synchronisations. Also checks the image placeholders against
+    (`device`, by default the ids') as two tensors, expanded there by three small operations: on a GPU one
+    synchronisation, two copies and three kernels instead of dozens of kernels and several synchronisations. Also checks the image placeholders against
     `image_num_crops`. Returns `None` when the batch has no query block.
     """
     if isinstance(input_ids, torch.Tensor):
@@ -107,30 +107,35 @@ def build_query_block_layout(
         instruction_mask = instruction_mask.tolist()
     if isinstance(image_num_crops, torch.Tensor):
         image_num_crops = image_num_crops.flatten().tolist()
+    # Config attributes read once: transformers' config attribute access is slow in loops over tokens.
     num_query_tokens, grid_rows = config.num_query_tokens, config.patch_grid_size**2
+    image_token_id, query_token_id, tokens_per_crop = (
+        config.image_token_id,
+        config.query_token_id,
+        config.image_tokens_per_crop,
+    )
     sequence_length = len(input_ids[0]) if input_ids else 0
 
-    # Image placeholders, one run of `image_tokens_per_crop * crops` per image, in batch-then-sequence order.
-    image_tokens = [
-        (sample, position)
-        for sample, ids in enumerate(input_ids)
-        for position, token in enumerate(ids)
-        if token == config.image_token_id
-    ]
-    check_image_placeholders(len(image_tokens), image_num_crops, config)
+    # Image placeholders, one run of `image_tokens_per_crop * crops` per image, in batch-then-sequence order (lists of
+    # ints, not of tuples: millions of small tuples would cost garbage-collection passes over the whole heap).
+    image_positions = [[p for p, token in enumerate(ids) if token == image_token_id] for ids in input_ids]
+    check_image_placeholders(sum(map(len, image_positions)), image_num_crops, config)
     images = [[] for _ in input_ids]  # per sample: (position of its first placeholder, first feature row, rows)
-    first_token = first_row = 0
+    sample = placeholder = first_row = 0
     for crops in image_num_crops:
-        sample, position = image_tokens[first_token]
-        images[sample].append((position, first_row, crops * grid_rows))
-        first_token += crops * config.image_tokens_per_crop
+        while placeholder == len(image_positions[sample]):
+            sample, placeholder = sample + 1, 0
+        if placeholder + crops * tokens_per_crop > len(image_positions[sample]):
+            raise ValueError(
+                f"Sample {sample} holds {len(image_positions[sample])} image tokens, which do not split into its "
+                f"images' runs of {tokens_per_crop} tokens per crop (image_num_crops {list(image_num_crops)}). Build "
+                "the inputs with the FlashSloth processor, which expands each image placeholder."
+            )
+        images[sample].append((image_positions[sample][placeholder], first_row, crops * grid_rows))
+        placeholder += crops * tokens_per_crop
         first_row += crops * grid_rows
-    last_image_tokens = [[] for _ in input_ids]  # per sample: positions of the last placeholder of each image run
-    for (sample, position), following in zip(image_tokens, image_tokens[1:] + [(None, None)]):
-        if following != (sample, position + 1):
-            last_image_tokens[sample].append(position)
 
-    query_tokens = [[p for p, token in enumerate(ids) if token == config.query_token_id] for ids in input_ids]
+    query_tokens = [[p for p, token in enumerate(ids) if token == query_token_id] for ids in input_ids]
     blocks = []  # (sample, its query positions, its number in the sample)
     for sample, positions in enumerate(query_tokens):
         for number, start in enumerate(range(0, len(positions), num_query_tokens), start=1):
@@ -145,43 +150,55 @@ def build_query_block_layout(
     if not blocks:
         return None
 
-    text_rows, image_row_lists = [], []
+    # A sample's images hold consecutive feature rows, and a block sees the images before it: a prefix of them, so
+    # one range of rows (first row, count) per block.
+    text_rows, image_first_rows, image_row_counts = [], [], []
     for sample, block, number in blocks:
         start, offset = block[0], sample * sequence_length
         if instruction_mask is not None:
             spans = instruction_mask[sample][:sequence_length]
             text = [position for position, span in enumerate(spans) if span == number]
         else:
-            last_image = max((p for p in last_image_tokens[sample] if p < start), default=-2)
+            last_image = max((p for p in image_positions[sample] if p < start), default=-2)
             last_query = max((p for p in query_tokens[sample] if p < start), default=-1)
             text = list(range(max(last_image + 2, last_query + 1), start))
         text_rows.append([offset + position for position in text])
-        image_row_lists.append(
-            [row for position, first, rows in images[sample] if position < start for row in range(first, first + rows)]
-        )
+        visible = [(first, rows) for position, first, rows in images[sample] if position < start]
+        image_first_rows.append(visible[0][0] if visible else 0)
+        image_row_counts.append(sum(rows for _, rows in visible))
     longest_text = max(max(map(len, text_rows)), 1)
     text_width = min(-(-longest_text // TEXT_WIDTH_MULTIPLE) * TEXT_WIDTH_MULTIPLE, sequence_length)
-    image_width = min(max(max(map(len, image_row_lists)), 1), max(first_row, 1))
+    image_width = min(max(max(image_row_counts), 1), max(first_row, 1))
     text_positions, text_mask = _padded(text_rows, text_width)
-    image_rows, image_mask = _padded(image_row_lists, image_width)
     query_positions = [sample * sequence_length + position for sample, block, _ in blocks for position in block]
+    last_visible_rows = [max(count - 1, 0) for count in image_row_counts]
 
     num_blocks = len(blocks)
-    indices = torch.tensor(query_positions + text_positions + image_rows, dtype=torch.long, device=device)
-    flags = [bool(row) for row in text_rows] + [bool(rows) for rows in image_row_lists]
-    masks = torch.tensor(text_mask + image_mask + flags, dtype=torch.bool, device=device)
-    query_positions, text_positions, image_rows = indices.split(
-        [num_blocks * num_query_tokens, num_blocks * text_width, num_blocks * image_width]
+    indices = torch.tensor(
+        query_positions
+        + text_positions
+        + image_first_rows
+        + last_visible_rows
+        + image_row_counts
+        + [*range(image_width)],
+        dtype=torch.long,
+        device=device,
     )
-    text_mask, image_mask, has_text, has_image = masks.split(
-        [num_blocks * text_width, num_blocks * image_width, num_blocks, num_blocks]
+    flags = [bool(row) for row in text_rows] + [bool(count) for count in image_row_counts]
+    masks = torch.tensor(text_mask + flags, dtype=torch.bool, device=device)
+    query_positions, text_positions, image_first_rows, last_visible_rows, image_row_counts, row_offsets = indices.split(
+        [num_blocks * num_query_tokens, num_blocks * text_width, num_blocks, num_blocks, num_blocks, image_width]
     )
+    text_mask, has_text, has_image = masks.split([num_blocks * text_width, num_blocks, num_blocks])
+    # (num_blocks, image_width): the block's rows, padded by repeating its last row (masked out).
+    image_rows = image_first_rows[:, None] + torch.minimum(row_offsets[None, :], last_visible_rows[:, None])
+    image_mask = row_offsets[None, :] < image_row_counts[:, None]
     return QueryBlockLayout(
         query_positions=query_positions.view(num_blocks, num_query_tokens),
         text_positions=text_positions.view(num_blocks, text_width),
         text_mask=text_mask.view(num_blocks, text_width),
-        image_rows=image_rows.view(num_blocks, image_width),
-        image_mask=image_mask.view(num_blocks, image_width),
+        image_rows=image_rows,
+        image_mask=image_mask,
         has_text=has_text,
         has_image=has_image,
         image_num_crops=tuple(image_num_crops),
