@@ -76,10 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model_options.add_argument(
         "--compile",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="Generate with a static KV cache and torch.compile'd prefill and decoding steps (CUDA graphs on a GPU), "
         f"prompts padded to multiples of {PREFILL_BUCKET} tokens so that one compiled prefill serves each length: "
-        "slow to start, then faster.",
+        "slow to start, then faster (default: on for CUDA devices, off elsewhere).",
     )
     model_options.add_argument(
         "--quantize",
@@ -186,7 +187,7 @@ class Assistant:
             self.generate_kwargs.update(do_sample=True, temperature=args.temperature)
         else:
             self.generate_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if args.compile:
+        if compile_by_default(args.compile, device):
             compile_config = CompileConfig(mode="reduce-overhead" if device.startswith("cuda") else "default")
             # generate() compiles on its own only on accelerators; the option asks for it everywhere.
             compile_config._compile_all_devices = True
@@ -233,6 +234,12 @@ class Assistant:
         if failure:
             raise failure[0]
         return "".join(chunks).strip()
+
+
+def compile_by_default(requested: bool | None, device: str) -> bool:
+    """`--compile` / `--no-compile` as given; unset, compiled generation on CUDA devices (CUDA graphs) and eager
+    elsewhere (on a CPU compiling costs more than it saves for one answer)."""
+    return requested if requested is not None else device.startswith("cuda")
 
 
 def user_message(text: str, num_images: int) -> dict:

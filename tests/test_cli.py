@@ -68,6 +68,18 @@ def test_help_explains_the_commands_and_options(capsys):
     assert "stdin" in capsys.readouterr().out
 
 
+def test_compile_is_the_default_on_cuda_only():
+    from flashsloth.cli import build_parser, compile_by_default
+
+    parser = build_parser()
+    for argv, device, expected in (
+        ([], "cuda", True), ([], "cuda:1", True), ([], "cpu", False),
+        (["--no-compile"], "cuda", False), (["--compile"], "cpu", True),
+    ):
+        args = parser.parse_args(["ask", "image.png", "--question", "q", *argv])
+        assert compile_by_default(args.compile, device) is expected, (argv, device)
+
+
 def test_ask_prints_the_greedy_answer(checkpoint):
     directory, model, processor = checkpoint
     result = run_cli(

@@ -100,6 +100,42 @@ def test_static_cache_with_cuda_graphs_equals_the_dynamic_cache(batch, compiled_
     assert hasattr(model, "_compiled_call"), "generate did not compile the decoding step"
 
 
+@pytest.mark.parametrize("compiled_prefill", [False, True], ids=["decoding", "static-cache-switch"])
+def test_static_cache_alone_compiles_the_whole_prefill_on_cuda(batch, compiled_prefill):
+    """`cache_implementation="static"` is the one switch: transformers compiles the decoding step on CUDA by itself,
+    and FlashSloth's `generate` makes the prompt one prefill chunk, so the prefill runs compiled too."""
+    torch._dynamo.reset()
+    model = tiny_model().to("cuda")
+    cuda_batch = to_device(batch, "cuda")
+    dynamic = greedy(model, cuda_batch)
+    for _ in range(2):
+        static = greedy(model, cuda_batch, cache_implementation="static")
+        assert static.tolist() == dynamic.tolist()
+    assert hasattr(model, "_compiled_call"), "generate did not compile on CUDA with a static cache"
+
+
+def test_ask_compiles_by_default_on_cuda_and_answers_as_without(tmp_path):
+    """`flashsloth ask` on CUDA: compiled (static cache, CUDA graphs) unless --no-compile, with the same answer."""
+    import subprocess
+    import sys
+
+    from PIL import Image, ImageDraw
+
+    from flashsloth.demo import DEMO_MODEL_DIR
+
+    image = Image.new("RGB", (144, 144), (220, 220, 220))
+    ImageDraw.Draw(image).ellipse((20, 50, 60, 90), fill=(220, 30, 30))
+    image.save(tmp_path / "circle.png")
+    answers = []
+    for flag in ([], ["--no-compile"]):
+        command = [sys.executable, "-m", "flashsloth", "ask", "--model", str(DEMO_MODEL_DIR), "--device", "cuda",
+                   str(tmp_path / "circle.png"), "--question", "How many shapes are there?", "--max-new-tokens", "4", *flag]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr
+        answers.append(result.stdout)
+    assert answers[0] == answers[1]
+
+
 @pytest.mark.skipif(not is_flash_attn_2_available(), reason="needs the flash-attn package")
 def test_flash_attention_2_logits_equal_sdpa(batch):
     sdpa = tiny_model(attn_implementation="sdpa").to("cuda", torch.bfloat16)

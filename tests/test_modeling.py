@@ -218,10 +218,13 @@ def graph_recorder():
     return backend, pixel_batches
 
 
-def test_compiled_prefill_and_decoding_equal_eager_generation(model):
+@pytest.mark.parametrize("chunk", ["prompt", "default"])
+def test_compiled_prefill_and_decoding_equal_eager_generation(model, chunk):
     """`prefill_chunk_size` >= the prompt puts the prefill through the compiled forward too: in one graph (fullgraph),
     images, HD crops, several blocks and text-only samples in one batch, and the same tokens as eager generation.
-    (Before transformers 5.25, `generate` drops the images of a chunked prefill; FlashSloth puts them back.)"""
+    With a static cache and no `prefill_chunk_size` ("default"), FlashSloth's `generate` makes the prompt one chunk
+    itself: the static cache is the one switch. (Before transformers 5.25, `generate` drops the images of a chunked
+    prefill; FlashSloth puts them back.)"""
     torch._dynamo.reset()
     batch = collate([make_sample(turns, seed=index) for index, turns in enumerate(SAMPLES)])
     backend, pixel_batches = graph_recorder()
@@ -237,7 +240,7 @@ def test_compiled_prefill_and_decoding_equal_eager_generation(model):
                 do_sample=False,
                 cache_implementation="static",
                 compile_config=compile_config,
-                prefill_chunk_size=batch["input_ids"].shape[1],
+                **({"prefill_chunk_size": batch["input_ids"].shape[1]} if chunk == "prompt" else {}),
             )
             assert output.tolist() == reference.tolist()
     assert pixel_batches == [batch["pixel_values"].shape[0], 0]  # the prefill with every crop, then a step

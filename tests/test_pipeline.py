@@ -106,6 +106,31 @@ def test_generate_kwargs_reach_generate(pipe, checkpoint):
     assert result["generated_text"] != reference_answer(checkpoint, messages)
 
 
+def test_static_cache_switch_through_the_pipeline_compiles_the_whole_prefill(pipe, checkpoint):
+    """The fast-generation switch from a pipeline: a static cache, and compiling asked for on this CPU too (on CUDA
+    transformers compiles by itself). The prefill goes through the compiled forward, as one chunk; same answer."""
+    from transformers import CompileConfig
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    compile_config = CompileConfig(fullgraph=True, backend=backend, dynamic=False, mode=None)
+    compile_config._compile_all_devices = True
+    messages = chat("What is in the picture?", [noise_image(70, 50)])
+    (result,) = pipe(
+        text=messages,
+        max_new_tokens=MAX_NEW_TOKENS,
+        return_full_text=False,
+        generate_kwargs={"cache_implementation": "static", "compile_config": compile_config},
+    )
+    assert result["generated_text"] == reference_answer(checkpoint, messages)
+    assert len(graphs) == 2, "expected one compiled prefill graph and one decoding-step graph"
+
+
 def test_batched_mixed_requests_equal_each_request_alone(pipe, checkpoint):
     requests = [
         chat("What is in the picture?", [noise_image(70, 50, seed=1)]),

@@ -577,6 +577,18 @@ class FlashSlothForConditionalGeneration(FlashSlothPreTrainedModel, GenerationMi
         model_kwargs["image_num_crops"] = torch.cat([images for images in sample_images for _ in range(expand_size)])
         return input_ids, model_kwargs
 
+    def generate(self, *args, **kwargs):
+        """transformers' `generate`; with a static cache (`cache_implementation="static"`) and no `prefill_chunk_size`,
+        the prompt is one prefill chunk: wherever transformers compiles the decoding step, the whole prefill runs
+        through the compiled forward too (one graph per prompt shape; CUDA graphs with `mode="reduce-overhead"`)."""
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        cache_implementation = kwargs.get("cache_implementation", generation_config.cache_implementation)
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        chunk_unset = kwargs.get("prefill_chunk_size", getattr(generation_config, "prefill_chunk_size", None)) is None
+        if cache_implementation == "static" and chunk_unset and isinstance(input_ids, torch.Tensor):
+            kwargs["prefill_chunk_size"] = input_ids.shape[1]
+        return super().generate(*args, **kwargs)
+
     def prepare_inputs_for_generation(self, *args, **kwargs) -> dict:
         """
         transformers' inputs of a generation step, plus the EmbQ layout of a step that carries images (the prefill).
