@@ -308,20 +308,22 @@ class FlashSlothModel(FlashSlothPreTrainedModel):
         instruction_mask: torch.LongTensor | None,
         image_num_crops: torch.LongTensor | None,
         total_crops: int,
+        check_token_ids: bool = True,
     ) -> QueryBlockLayout | None:
         """
-        Check the prompt's token ids and image placeholders against the vocabulary and `total_crops`, then build the
-        EmbQ layout of the batch (see `build_query_block_layout`); `None` without EmbQ or query blocks. The ids are
-        read back to the host once, for both: `generate` calls this eagerly, ahead of a prefill that may be compiled.
-        """
+        Check the token ids (`check_token_ids`) and image placeholders, then build the EmbQ layout of the batch (see
+        `build_query_block_layout`); `None` without EmbQ or query blocks. One read-back of the ids serves both:
+        `generate` calls this eagerly, ahead of a prefill that may be compiled."""
         image_num_crops = self._image_crop_counts(image_num_crops, total_crops)
         if self.embedded_query is None:
-            self._check_token_ids(input_ids)
+            if check_token_ids:
+                self._check_token_ids(input_ids)
             num_image_tokens = int((input_ids == self.config.image_token_id).sum())
             check_image_placeholders(num_image_tokens, image_num_crops, self.config)
             return None
         device, input_ids = input_ids.device, input_ids.tolist()
-        self._check_token_ids(input_ids)
+        if check_token_ids:
+            self._check_token_ids(input_ids)
         return build_query_block_layout(input_ids, instruction_mask, image_num_crops, self.config, device=device)
 
     def apply_embedded_query(
@@ -401,12 +403,11 @@ class FlashSlothModel(FlashSlothPreTrainedModel):
                 self._check_token_ids(input_ids)
             inputs_embeds = self.get_input_embeddings()(input_ids)
         placeholder_ids = self.get_placeholder_ids(input_ids, inputs_embeds)
-        if has_images and query_layout is None:
-            query_layout = self.build_query_layout(
-                placeholder_ids, instruction_mask, image_num_crops, pixel_values.shape[0]
-            )
         if not has_images:
             query_layout = None
+        elif query_layout is None:
+            ids_given, crops = input_ids is not None, pixel_values.shape[0]
+            query_layout = self.build_query_layout(placeholder_ids, instruction_mask, image_num_crops, crops, ids_given)
         if not is_decoding_step:
             inputs_embeds = self.insert_query_embeddings(placeholder_ids, inputs_embeds, query_layout)
 
@@ -483,10 +484,8 @@ class FlashSlothModel(FlashSlothPreTrainedModel):
         """Raise a clear error for ids (a tensor or host ids) outside the vocabulary (the embedding would fail deep
         inside torch, or with a device-side assertion that ends the CUDA context)."""
         vocab_size = self.get_input_embeddings().num_embeddings
-        if isinstance(input_ids, torch.Tensor):
-            low, high = (int(bound) for bound in torch.aminmax(input_ids))
-        else:
-            low, high = min(map(min, input_ids)), max(map(max, input_ids))
+        host_ids = input_ids.tolist() if isinstance(input_ids, torch.Tensor) else input_ids
+        low, high = min(map(min, host_ids)), max(map(max, host_ids))
         if low < 0 or high >= vocab_size:
             raise ValueError(
                 f"input_ids holds ids in [{low}, {high}], outside the vocabulary [0, {vocab_size}). Tokenize with this "
