@@ -97,8 +97,8 @@ def build_query_block_layout(
 
     The layout is host data: the ids are read back once, the layout is computed in Python, and it goes to the device
     (`device`, by default the ids') as two tensors, expanded there by three small operations: on a GPU one
-    synchronisation, two copies and three kernels instead of dozens of kernels and several synchronisations. Also checks the image placeholders against
-    `image_num_crops`. Returns `None` when the batch has no query block.
+    synchronisation, two copies and three kernels instead of dozens of kernels and several synchronisations. Also
+    checks the image placeholders against `image_num_crops`. Returns `None` when the batch has no query block.
     """
     if isinstance(input_ids, torch.Tensor):
         device = input_ids.device if device is None else device
@@ -117,7 +117,7 @@ def build_query_block_layout(
     sequence_length = len(input_ids[0]) if input_ids else 0
 
     # Image placeholders, one run of `image_tokens_per_crop * crops` per image, in batch-then-sequence order (lists of
-    # ints, not of tuples: millions of small tuples would cost garbage-collection passes over the whole heap).
+    # ints, not of tuples: thousands of small tuples would cost garbage-collection passes over the whole heap).
     image_positions = [[p for p, token in enumerate(ids) if token == image_token_id] for ids in input_ids]
     check_image_placeholders(sum(map(len, image_positions)), image_num_crops, config)
     images = [[] for _ in input_ids]  # per sample: (position of its first placeholder, first feature row, rows)
