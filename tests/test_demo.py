@@ -29,7 +29,10 @@ from flashsloth.demo import (
     trained_variant,
 )
 from flashsloth.processing import FlashSlothImageProcessor
+from flashsloth.demo.recipe import VARIED_RECIPE, recipe_defaults
 from flashsloth.training import synthetic
+from flashsloth.training.varied_data import TRAINING_TEMPLATES
+from flashsloth.training.varied_scenes import FAMILIES, HELD_OUT_TEMPLATES
 
 
 PACKAGE_DIR = Path(flashsloth.__file__).resolve().parent
@@ -219,6 +222,20 @@ def test_bad_recipes_are_refused_before_any_work(tmp_path):
     for bad_mix in ("color:2,colour:1", "color:2,color:1", "color:-1", "color", "count:0"):
         with pytest.raises(ValueError, match="stage2_kind_mix: a kind mix"):
             check_recipe({**demo_recipe_defaults(), "stage2_kind_mix": bad_mix})
+    # The varied recipe: its own keys, checked the same way; the synthetic recipe does not take them.
+    varied = recipe_defaults("varied")
+    check_recipe(varied)
+    assert varied == {**demo_recipe_defaults(), **VARIED_RECIPE} and set(varied) - set(demo_recipe_defaults())
+    with pytest.raises(ValueError, match=r"base_share is a probability \(0 to 1\), got 1.5.*stage2_turns must be 1"):
+        check_recipe({**varied, "base_share": 1.5, "stage2_turns": 2})
+    with pytest.raises(ValueError, match="training_data must be one of"):
+        check_recipe({**varied, "training_data": "photos"})
+    result = run_flashsloth("demo-train", str(tmp_path / "model"), "--base-share", "0.5")
+    assert result.returncode == 2 and "--base-share needs --recipe varied" in result.stderr
+    # SAP's windows tile the patch grid 3 x 3 (9 visual tokens): 64 px of 8 px patches is an 8 x 8 grid.
+    with pytest.raises(ValueError, match=r"image_size \(64\) must be a multiple of patch_size \(8\) whose"):
+        check_recipe({**demo_recipe_defaults(), "image_size": 64})
+    check_recipe({**demo_recipe_defaults(), "image_size": 96})
     with pytest.raises(ValueError, match="anneal_samples must be at least 1.*anneal_kind_mix: a kind mix"):
         check_recipe({**demo_recipe_defaults(), "anneal_kind_mix": "position", "anneal_samples": 0})
 
@@ -243,8 +260,10 @@ def test_score_table_lists_every_kind():
     assert table.count("|") == 3 * (len(synthetic.QUESTION_KINDS) + 3) and "50.0%" in table
 
 
-def test_recipe_data_written_by_worker_processes_is_the_serial_data(tmp_path, monkeypatch):
-    recipe = {**demo_recipe_defaults(), "image_size": 16, "stage1_samples": 5, "stage2_samples": 9, "anneal_samples": 4}
+@pytest.mark.parametrize("recipe_name", ["synthetic", "varied"])
+def test_recipe_data_written_by_worker_processes_is_the_serial_data(tmp_path, monkeypatch, recipe_name):
+    recipe = {**recipe_defaults(recipe_name), "image_size": 16, "stage1_samples": 5, "stage2_samples": 9}
+    recipe["anneal_samples"] = 4
     by_workers = generate_recipe_data(recipe, tmp_path / "workers")
     # Where the platform cannot fork, the same datasets are written one after another in this process.
     monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: ["spawn"])
@@ -254,7 +273,8 @@ def test_recipe_data_written_by_worker_processes_is_the_serial_data(tmp_path, mo
         assert expected == tmp_path / "serial" / folder / "data.json"
         assert filecmp.cmp(written, expected, shallow=False)
         names = sorted(path.name for path in (written.parent / "images").iterdir())
-        assert len(names) == len(json.loads(written.read_text()))
+        # One image per record; with varied data, questions about one drawing share it (`questions_per_image`).
+        assert names == sorted({Path(record["image"]).name for record in json.loads(written.read_text())})
         match, mismatch, errors = filecmp.cmpfiles(
             written.parent / "images", expected.parent / "images", names, shallow=False
         )
@@ -301,6 +321,19 @@ def test_tiny_recipe_trains_and_saves_a_loadable_model(tmp_path):
     model, processor, seconds = trained_variant(tmp_path / "ablation" / "full", "full", recipe)
     assert seconds == config["demo_recipe"]["train_seconds"] and model.config.text_config.num_hidden_layers == 2
     assert trained_variant(tmp_path / "ablation" / "no-embq", "no-embq", recipe) is None
+
+
+def test_tiny_varied_recipe_trains_on_the_geometry_labels(tmp_path):
+    result = run_flashsloth(
+        "demo-train", str(tmp_path / "model"), "--work-dir", str(tmp_path / "work"), "--recipe", "varied",
+        "--questions-per-image", "2", *TINY_RECIPE_ARGUMENTS,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    recipe = json.loads((tmp_path / "model" / "config.json").read_text())["demo_recipe"]
+    assert recipe["training_data"] == "varied" and recipe["base_share"] == VARIED_RECIPE["base_share"]
+    questions = json.loads((tmp_path / "work" / "stage2" / "data.json").read_text())
+    assert all("center" in obj for record in questions for obj in record["objects"])
+    assert (result.stdout + result.stderr).count("'train_runtime'") == 4, result.stdout[-2000:]
 
 
 # The embedded model itself.
@@ -375,11 +408,23 @@ def test_demo_command_answers_offline():
     result = run_flashsloth("demo", "--seed", "5", "--kind", "count")
     assert result.returncode == 0, result.stderr[-2000:]
     lines = dict(line.split(":", 1) for line in result.stdout.splitlines() if ":" in line)
-    assert lines["Question"].strip().startswith("How many")
+    # The scene is of one of the robustness families, the question in a training or a held-out wording.
+    assert any(f"({family} drawing, " in lines["Scene"] for family in FAMILIES), lines["Scene"]
+    count_wordings = TRAINING_TEMPLATES["count"] + HELD_OUT_TEMPLATES["count"]
+    assert lines["Question"].strip() in count_wordings
     assert lines["Answer"].strip() in {"1", "2", "3", "4"}
     assert "(correct)" in lines["Expected"] or "(wrong)" in lines["Expected"]
+    assert Path(lines["Image"].strip()).is_file()
     # The main job's output stays clean: no import-time noise of optional packages (torchao) on stderr.
     assert "Failed to load" not in result.stderr and "Enum subclass" not in result.stderr, result.stderr[-2000:]
+
+
+def test_demo_command_answers_questions_not_about_shapes_without_a_crash():
+    result = run_flashsloth("demo", "--seed", "7", "--question", "What is the capital of France?")
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = dict(line.split(":", 1) for line in result.stdout.splitlines() if ":" in line)
+    assert lines["Question"].strip() == "What is the capital of France?" and "Answer" in lines
+    assert "Expected" not in lines  # no true answer to a question the scene does not answer
 
 
 def test_demo_command_on_a_missing_image_is_a_clear_error():

@@ -1,6 +1,8 @@
-"""Stage 0 of the demo recipe: the tiny encoder learns the scenes' slot labels."""
+"""Stage 0 of the demo recipe: the tiny encoder learns the scenes' slot labels, or (`encoder_geometry`) what the scene
+geometry puts on every patch."""
 
 import json
+import random
 
 import pytest
 import torch
@@ -17,6 +19,14 @@ from flashsloth.training.encoder import (
     slot_labels,
     slot_windows,
 )
+from flashsloth.training.encoder_geometry import (
+    PATCH_ATTRIBUTES,
+    PatchClassifier,
+    PatchLabelDataset,
+    covering_objects,
+    patch_labels,
+)
+from flashsloth.training.varied_data import sample_training_scene, scene_record
 
 from processing_helpers import make_tiny_processor
 
@@ -34,6 +44,53 @@ def test_slot_labels_name_each_slot_and_skip_empty_ones():
     # Every slot, empty or not, is labelled with where it is.
     assert labels[:, 5].tolist() == list(range(len(synthetic.POSITIONS)))
     assert labels.shape == (len(synthetic.POSITIONS), len(SLOT_ATTRIBUTES))
+
+
+COLUMNS = list(PATCH_ATTRIBUTES)
+
+
+def test_patch_labels_of_a_drawn_free_layout():
+    assert COLUMNS == ["present", "shape", "color", "object", "position", "count"]
+    # A 2:1 canvas: an orange triangle on the right, a small blue circle near the middle (on no side).
+    record = {
+        "width": 200, "height": 100,
+        "objects": [
+            {"shape": "triangle", "color": "orange", "position": "right", "center": [0.78, 0.5], "radius": 0.18},
+            {"shape": "circle", "color": "blue", "position": None, "center": [0.45, 0.5], "radius": 0.05},
+        ],
+    }  # fmt: skip
+    grid = 10
+    covering = covering_objects(record, grid).reshape(grid, grid)
+    # The triangle's box spans x 0.69-0.87 (0.18 of the short side is 0.09 of the width) and y 0.32-0.68: with half
+    # a patch (0.05) of tolerance, the patches with centres at x 0.65-0.85 (columns 6-8), y 0.35-0.65 (rows 3-6).
+    assert (covering[3:7, 6:9] == 0).all() and (covering == 0).sum() == 12
+    assert (covering[:, 9] == -1).all()
+    # The small circle (x 0.425-0.475, y 0.45-0.55) covers the patches whose centres are within half a patch of it.
+    assert covering[4:6, 4].tolist() == [1, 1] and (covering == 1).sum() == 2
+    labels = patch_labels(record, grid)
+    orange, blue = list(synthetic.COLORS).index("orange"), list(synthetic.COLORS).index("blue")
+    triangle_patch, circle_patch, empty_patch = 4 * grid + 7, 4 * grid + 4, 0
+    assert labels[triangle_patch].tolist() == [1, 2, orange, 3 * orange + 2, synthetic.POSITIONS.index("right"), 1]
+    assert labels[circle_patch].tolist() == [1, 0, blue, 3 * blue + 0, PATCH_ATTRIBUTES["position"].index("none"), 1]
+    # An uncovered patch: no object attributes, its own place (a corner is on no side), the scene's count.
+    assert labels[empty_patch].tolist() == [0, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 4, 1]
+    assert labels[5 * grid].tolist()[4] == synthetic.POSITIONS.index("left")
+
+
+def test_patch_labels_of_synthetic_records_use_their_slots():
+    labels = patch_labels({"objects": [{"shape": "square", "color": "red", "size": "large", "position": "top"}]}, 9)
+    grid = labels[:, 0].reshape(9, 9)
+    # The top slot's centre is (1/2, 1/6), a large object's radius 0.13: rows 0-2, columns 3-5.
+    assert grid.sum() == 9 and (grid[0:3, 3:6] == 1).all()
+    assert (labels[grid.flatten() == 1, 4] == synthetic.POSITIONS.index("top")).all()
+
+
+def test_every_drawn_object_covers_a_patch():
+    rng = random.Random(4)
+    for index in range(100):
+        scene = sample_training_scene(rng, base_share=0.2, vary_share=0.8)
+        covering = covering_objects(scene_record(scene, "x", "caption", ("q", "a")), 12)
+        assert set(covering.tolist()) - {-1} == set(range(len(scene.objects)))
 
 
 def test_slot_windows_are_the_edge_cells_of_the_window_grid():
@@ -72,6 +129,17 @@ def test_classifier_reads_the_patches_of_the_slot_windows(tiny_stage0):
     assert slot_features.shape == (2, 4, 9, features.shape[-1])
     torch.testing.assert_close(slot_features[:, 0], features[:, 3:6, 0:3].reshape(2, 9, -1))
     torch.testing.assert_close(slot_features[:, 2], features[:, 0:3, 3:6].reshape(2, 9, -1))
+
+
+def test_classifier_scores_every_patch(tiny_stage0):
+    model, slot_dataset = tiny_stage0
+    dataset = PatchLabelDataset(slot_dataset.records, slot_dataset.image_folder, slot_dataset.image_processor, 9)
+    classifier = PatchClassifier(model.model.vision_tower)
+    items = [dataset[index] for index in range(2)]
+    pixel_values = torch.stack([item["pixel_values"] for item in items])
+    output = classifier(pixel_values, torch.stack([item["labels"] for item in items]))
+    assert [tuple(logits.shape) for logits in output["logits"]] == [(2, 81, len(c)) for c in PATCH_ATTRIBUTES.values()]
+    assert output["loss"].ndim == 0 and torch.isfinite(output["loss"])
 
 
 def test_pretraining_changes_only_the_encoder_and_learns(tiny_stage0, tmp_path):

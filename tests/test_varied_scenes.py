@@ -135,3 +135,89 @@ def test_robustness_table_on_the_demo_model():
     assert scores["cells_total"] == len(FAMILIES) * len(synthetic.QUESTION_KINDS)
     table = format_robustness(scores)
     assert table.count("\n| ") == len(FAMILIES) + 1 and f"of {scores['cells_total']} cells" in table
+
+
+# Training data on varied drawings (`flashsloth.training.varied_data`).
+
+
+def test_training_wordings_are_never_held_out_ones():
+    from flashsloth.training.varied_data import TRAINING_TEMPLATES, held_out_wordings
+
+    assert set(TRAINING_TEMPLATES) == set(synthetic.QUESTION_KINDS)
+    for kind, templates in TRAINING_TEMPLATES.items():
+        # The base evaluation's wordings are trained on, with several others per kind; none is held out.
+        assert templates[:2] == synthetic.QUESTION_TEMPLATES[kind] and len(set(templates)) >= 5
+    training = {template for templates in TRAINING_TEMPLATES.values() for template in templates}
+    normalized = {template.lower().rstrip("?.") for template in training}
+    assert not training & held_out_wordings()
+    assert not normalized & {template.lower().rstrip("?.") for template in held_out_wordings()}
+
+
+def test_captions_of_free_layouts_name_a_side_only_where_there_is_one():
+    from flashsloth.training.varied_data import describe_varied
+    from flashsloth.training.varied_scenes import VariedObject, VariedScene
+
+    def obj(shape, color, position, center, radius):
+        return VariedObject(shape, color, position, center, radius, synthetic.COLORS[color], 0)
+
+    scene = VariedScene(
+        objects=(
+            obj("circle", "red", None, (0.5, 0.5), 0.2),
+            obj("square", "blue", "top", (0.5, 0.1), 0.05),
+            obj("triangle", "green", None, (0.15, 0.85), 0.08),
+        ),
+        width=200, height=100, background="white", background_colors=((255, 255, 255),),
+        antialias=False, blur=0.0, jpeg_quality=None,
+    )  # fmt: skip
+    # Objects on a side first, in the synthetic order, then those on none, left to right, without a position.
+    assert describe_varied(scene) == (
+        "There are three shapes: a small blue square at the top, a small green triangle, a large red circle."
+    )
+    # On the synthetic layout the caption is the synthetic generator's.
+    rng = random.Random(2)
+    for _ in range(20):
+        base = sample_varied_scene(rng, "base")
+        expected = synthetic.Scene(
+            tuple(synthetic.SceneObject(o.shape, o.color, "small" if o.radius < 0.1 else "large", o.position)
+                  for o in base.objects),
+            (0, 0, 0),
+        )  # fmt: skip
+        assert describe_varied(base) == synthetic.describe(expected)
+
+
+def test_training_datasets_are_deterministic_and_answerable(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from flashsloth.training.varied_data import TRAINING_TEMPLATES, generate_varied_dataset
+
+    first = generate_varied_dataset(tmp_path / "a", 30, stage=2, seed=4, save_size=24, questions_per_image=2)
+    second = generate_varied_dataset(tmp_path / "b", 30, stage=2, seed=4, save_size=24, questions_per_image=2)
+    assert first.read_text() == second.read_text()
+    records = json.loads(first.read_text())
+    assert [record["kind"] for record in records] == [synthetic.QUESTION_KINDS[i % 5] for i in range(30)]
+    images = [record["image"] for record in records]
+    assert len(set(images)) < len(images) and max(images.count(image) for image in images) == 2
+    for record in records:
+        with Image.open(first.parent / record["image"]) as image:
+            assert image.size == (24, 24)
+        question = record["conversations"][0]["value"].removeprefix("<image>\n")
+        answer = record["conversations"][1]["value"]
+        objects = record["objects"]
+        templates = TRAINING_TEMPLATES[record["kind"]]
+        assert any(all(word in question for word in template.split("{")[0].split()) for template in templates)
+        if record["kind"] == "count":
+            assert answer == str(len(objects))
+        if record["kind"] == "position":
+            assert answer in synthetic.POSITIONS
+            assert [o["position"] for o in objects if o["color"] in question and o["shape"] in question] == [answer]
+        for obj in objects:
+            assert obj["position"] in synthetic.POSITIONS + (None,) and 0 < obj["radius"] <= MAX_RADIUS
+    captions = json.loads(generate_varied_dataset(tmp_path / "c", 40, stage=1, seed=4, save_size=24).read_text())
+    assert all(record["conversations"][1]["value"].startswith("There ") for record in captions)
+    # Some captions are of free layouts with objects on no side, some of the synthetic layout.
+    assert any(o["position"] is None for record in captions for o in record["objects"])
+    assert any(record["width"] == record["height"] == 144 for record in captions)
+    with pytest.raises(ValueError, match="probabilities"):
+        generate_varied_dataset(tmp_path / "d", 3, stage=1, base_share=1.5)

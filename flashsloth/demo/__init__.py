@@ -1,12 +1,14 @@
 """
-The embedded demo model: a tiny FlashSloth trained from scratch on synthetic shapes, shipped in `model/`.
+The embedded demo model: a tiny FlashSloth trained from scratch on drawn shapes, shipped in `model/`.
 
-`flashsloth demo` asks it about a freshly drawn scene (or your own image); `flashsloth demo-train` reproduces it
-(tokenizer, model, the paper's two stages) on the CPU; `flashsloth demo-eval` scores a model on held-out questions
-of each kind; `flashsloth demo-ablation` trains and scores the ablations (average pooling instead of SAP, no EmbQ).
+`flashsloth demo` asks it about a freshly drawn scene of any family of `training.varied_scenes` (or your own
+image); `flashsloth demo-train` reproduces it (tokenizer, model, the paper's two stages) on the CPU; `flashsloth
+demo-eval` scores a model on held-out questions of each kind (`--robustness`: per family of drawing too);
+`flashsloth demo-ablation` trains and scores the ablations (average pooling instead of SAP, no EmbQ).
 
-Modules: `recipe` (the recipe and what it builds), `train` (the training run), `evaluation` (the scores), `cli` (the
-commands). torch and transformers are imported only when a command runs.
+Modules: `recipe` (the recipe and what it builds), `train` (the training run), `evaluation` (the scores),
+`robustness` (the scores per family of drawing), `cli` (the commands). torch and transformers are imported only when
+a command runs.
 """
 
 from pathlib import Path

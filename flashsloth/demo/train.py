@@ -13,8 +13,8 @@ from .recipe import (
     check_recipe,
     demo_chat_template,
     demo_processor,
-    demo_recipe_defaults,
     kind_cycle,
+    recipe_defaults,
     tokenizer_corpus,
     train_demo_tokenizer,
 )
@@ -25,8 +25,9 @@ TOKENIZER_FOLDER = "tokenizer"
 
 def train_demo_model(output_dir: str | os.PathLike, work_dir: str | os.PathLike, variant: str = "full", **overrides):
     """
-    The whole recipe: synthetic data, tokenizer, model, stage 0 (the encoder pre-trained on the captions' scene
-    labels, see `training.encoder`), stage 1 (SAP + projector on captions), stage 2 (everything but the encoder on the
+    The whole recipe: synthetic data (or varied drawings, `training_data="varied"`), tokenizer, model, stage 0 (the
+    encoder pre-trained on the captions' scene labels, see `training.encoder`, or on every drawing's geometry, see
+    `training.encoder_geometry`), stage 1 (SAP + projector on captions), stage 2 (everything but the encoder on the
     questions mixed with the captions, as LLaVA's stage-2 mix holds captions too; the encoder stays frozen as in the
     paper: trained with the rest, its features grow without bound, since FlashSloth reads them without a final
     LayerNorm, and SAP's softmax saturates), the end of stage 2 (`anneal_steps` more at a lower learning rate, on
@@ -37,7 +38,7 @@ def train_demo_model(output_dir: str | os.PathLike, work_dir: str | os.PathLike,
     from .. import FlashSlothForConditionalGeneration
     from ..training.trainer import save_trained_model
 
-    recipe = {**demo_recipe_defaults(), **overrides}
+    recipe = {**recipe_defaults(overrides.get("training_data", "synthetic")), **overrides}
     check_recipe(recipe)
     started = time.perf_counter()
     work_dir = Path(work_dir)
@@ -114,6 +115,7 @@ def train_demo_stages(recipe: dict, variant: str, work_dir: str, data_paths: lis
 
     from ..training.data import LlavaDataset
     from ..training.encoder import SlotLabelDataset, pretrain_encoder
+    from ..training.encoder_geometry import PatchClassifier, PatchLabelDataset
     from ..training.trainer import train
 
     work_dir = Path(work_dir)
@@ -139,10 +141,22 @@ def train_demo_stages(recipe: dict, variant: str, work_dir: str, data_paths: lis
         disable_tqdm=not sys.stderr.isatty(),
     )
     if recipe["encoder_steps"]:
+        if recipe.get("training_data") == "varied":
+            # Free layouts have no slots: every patch is labelled from the geometry, on every drawing of stages 1-2.
+            encoder_data = PatchLabelDataset(
+                encoder_records(caption_records + mixture),
+                work_dir,
+                processor.image_processor,
+                model.config.patch_grid_size,
+            )
+            classifier = PatchClassifier(model.model.vision_tower)
+        else:
+            encoder_data, classifier = SlotLabelDataset(caption_records, work_dir, processor.image_processor), None
         pretrain_encoder(
             model,
-            SlotLabelDataset(caption_records, work_dir, processor.image_processor),
+            encoder_data,
             work_dir / "run-stage0",
+            classifier=classifier,
             max_steps=recipe["encoder_steps"],
             learning_rate=recipe["encoder_learning_rate"],
             **{
@@ -184,6 +198,15 @@ def train_demo_stages(recipe: dict, variant: str, work_dir: str, data_paths: lis
 
 
 def generate_recipe_data(recipe: dict, work_dir: Path) -> tuple[Path, Path, Path | None]:
+    """The recipe's captions, stage-2 questions and end-phase questions (JSON paths; `None` for the end phase when
+    there is none): from the synthetic generator ([`generate_synthetic_data`]) or, with `training_data="varied"`, on
+    varied drawings ([`generate_varied_data`])."""
+    if recipe.get("training_data") == "varied":
+        return generate_varied_data(recipe, work_dir)
+    return generate_synthetic_data(recipe, work_dir)
+
+
+def generate_synthetic_data(recipe: dict, work_dir: Path) -> tuple[Path, Path, Path | None]:
     """
     The recipe's three datasets under `work_dir`: captions (`stage1/`), stage-2 questions (`stage2/`) and, with an end
     phase, its own questions of other scenes (`stage2-anneal/`, seed + 1). Returns their JSON paths (`None` for the
@@ -232,6 +255,64 @@ def generate_recipe_data(recipe: dict, work_dir: Path) -> tuple[Path, Path, Path
             name: synthetic.generate_dataset(folder, count, **kwargs) for name, (folder, count, kwargs) in jobs.items()
         }
     return paths["captions"], paths["questions"], paths.get("anneal")
+
+
+def generate_varied_data(recipe: dict, work_dir: Path) -> tuple[Path, Path, Path | None]:
+    """
+    The recipe's three datasets under `work_dir`, on varied drawings (`training.varied_data`: `base_share` of them
+    the `synthetic` generator's layout, the others varying each property with probability `vary_share`, questions
+    in training wordings): captions (`stage1/`), stage-2 questions (`stage2/`) and, with an end phase, its own
+    questions of other scenes (`stage2-anneal/`, seed + 1), up to `questions_per_image` questions about one drawing.
+    Returns their JSON paths (`None` for the end phase when there is none). Each dataset has its own random stream,
+    so the files are the same whichever process writes them: two worker processes write the three (where the
+    platform can fork), the largest alone. Drawings are stored squashed to the encoder's square input as the processor
+    would (the same pixel values, and every training step reads and decodes only those pixels).
+    """
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_all_start_methods, get_context
+
+    from ..training import varied_data
+
+    common = {
+        "save_size": recipe["image_size"],
+        "base_share": recipe["base_share"],
+        "vary_share": recipe["vary_share"],
+    }
+    questions = {"stage": 2, "questions_per_image": recipe["questions_per_image"], **common}
+    jobs = {
+        "questions": (
+            work_dir / "stage2",
+            recipe["stage2_samples"],
+            {"seed": recipe["seed"], "kinds": kind_cycle(recipe["stage2_kind_mix"]), **questions},
+        ),
+        "captions": (work_dir / "stage1", recipe["stage1_samples"], {"stage": 1, "seed": recipe["seed"], **common}),
+    }
+    if recipe["anneal_steps"]:
+        jobs["anneal"] = (
+            work_dir / "stage2-anneal",
+            recipe["anneal_samples"],
+            {"seed": recipe["seed"] + 1, "kinds": kind_cycle(recipe["anneal_kind_mix"]), **questions},
+        )
+    if "fork" in get_all_start_methods():
+        # Forked workers draw and write images only (PIL, zlib): nothing in them touches torch's thread pools, and
+        # unlike "spawn" a fork does not re-run the caller's script, which may not guard its `__main__`.
+        with ProcessPoolExecutor(max_workers=2, mp_context=get_context("fork")) as pool:
+            futures = {
+                name: pool.submit(varied_data.generate_varied_dataset, folder, count, **kwargs)
+                for name, (folder, count, kwargs) in jobs.items()
+            }
+            paths = {name: future.result() for name, future in futures.items()}
+    else:
+        paths = {
+            name: varied_data.generate_varied_dataset(folder, count, **kwargs)
+            for name, (folder, count, kwargs) in jobs.items()
+        }
+    return paths["captions"], paths["questions"], paths.get("anneal")
+
+
+def encoder_records(records: list[dict]) -> list[dict]:
+    """Stage 0's records: one of each drawing (questions about one drawing share it), in a fixed order."""
+    return list({record["image"]: record for record in records}.values())
 
 
 def relocated(json_path: Path, root: Path) -> list[dict]:

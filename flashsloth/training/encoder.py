@@ -143,17 +143,20 @@ def slot_accuracy(classifier: SlotClassifier, dataset: SlotLabelDataset, batch_s
     return {name: (correct[index] / scored[index]).item() for index, name in enumerate(SLOT_ATTRIBUTES)}
 
 
-def pretrain_encoder(model, dataset: SlotLabelDataset, output_dir, **training_args) -> SlotClassifier:
+def pretrain_encoder(model, dataset: Dataset, output_dir, classifier: nn.Module | None = None, **training_args):
     """
     Train `model`'s vision tower in place on `dataset` with the `Trainer` (`training_args` are `TrainingArguments`)
-    and return the classifier, whose heads can score the result with [`slot_accuracy`].
+    and return the classifier, whose heads can score the result with [`slot_accuracy`]. `classifier` defaults to a
+    [`SlotClassifier`] on the vision tower (with a [`SlotLabelDataset`]); `encoder_geometry.PatchClassifier` labels
+    every patch from the scene geometry instead (with an `encoder_geometry.PatchLabelDataset`).
     """
     from transformers import Trainer
 
     from .trainer import build_training_arguments
 
     config = model.config
-    classifier = SlotClassifier(model.model.vision_tower, config.patch_grid_size, config.pooling_window)
+    if classifier is None:
+        classifier = SlotClassifier(model.model.vision_tower, config.patch_grid_size, config.pooling_window)
     classifier.train()
     # Every head and encoder layer gets a gradient at every step.
     args = build_training_arguments(output_dir, ddp_find_unused_parameters=False, **training_args)

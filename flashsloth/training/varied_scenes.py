@@ -141,9 +141,18 @@ def sample_varied_scene(rng: random.Random, family: str) -> VariedScene:
     if family not in FAMILIES:
         raise ValueError(f"Unknown family {family!r}; choose one of {FAMILIES}.")
     varies = {family} if family != "mixed" else set(FAMILIES)
+    return sample_scene_varying(rng, varies, antialias_share=0.5 if family == "mixed" else 1.0)
+
+
+def sample_scene_varying(
+    rng: random.Random, varies: set[str], antialias_share: float = 1.0, short_sides: tuple[int, ...] = SHORT_SIDES
+) -> VariedScene:
+    """One to four shapes with the properties named in `varies` (family names) drawn at random and the rest as
+    `synthetic` draws them; an anti-aliased drawing in `antialias_share` of the scenes that vary anti-aliasing, and
+    short sides from `short_sides` for those that vary the aspect ratio."""
     count = rng.randint(1, len(POSITIONS))
     aspect = rng.choice(ASPECT_RATIOS) if "aspect" in varies else 1.0
-    short_side = rng.choice(SHORT_SIDES) if "aspect" in varies else 144
+    short_side = rng.choice(short_sides) if "aspect" in varies else 144
     width, height = (
         (round(short_side * aspect), short_side) if aspect >= 1 else (short_side, round(short_side / aspect))
     )
@@ -173,7 +182,7 @@ def sample_varied_scene(rng: random.Random, family: str) -> VariedScene:
         height=height,
         background=background,
         background_colors=_background(rng, background),
-        antialias="antialias" in varies and rng.random() < (0.5 if family == "mixed" else 1.0),
+        antialias="antialias" in varies and rng.random() < antialias_share,
         blur=rng.uniform(0.5, 1.5) if "blur" in varies and rng.random() < 0.8 else 0.0,
         jpeg_quality=rng.randint(20, 95) if "jpeg" in varies else None,
     )
