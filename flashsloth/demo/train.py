@@ -215,9 +215,6 @@ def generate_synthetic_data(recipe: dict, work_dir: Path) -> tuple[Path, Path, P
     drawn at twice the encoder's input side and stored downscaled as the processor would (the same pixel values, but
     every training step reads and decodes a quarter of the pixels).
     """
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_all_start_methods, get_context
-
     from ..training import synthetic
 
     common = {"image_size": 2 * recipe["image_size"], "save_size": recipe["image_size"]}
@@ -241,20 +238,7 @@ def generate_synthetic_data(recipe: dict, work_dir: Path) -> tuple[Path, Path, P
             recipe["anneal_samples"],
             {"stage": 2, "seed": recipe["seed"] + 1, "kinds": kind_cycle(recipe["anneal_kind_mix"]), **common},
         )
-    if "fork" in get_all_start_methods():
-        # Forked workers draw and write images only (PIL, zlib): nothing in them touches torch's thread pools, and
-        # unlike "spawn" a fork does not re-run the caller's script, which may not guard its `__main__`.
-        with ProcessPoolExecutor(max_workers=2, mp_context=get_context("fork")) as pool:
-            futures = {
-                name: pool.submit(synthetic.generate_dataset, folder, count, **kwargs)
-                for name, (folder, count, kwargs) in jobs.items()
-            }
-            paths = {name: future.result() for name, future in futures.items()}
-    else:
-        paths = {
-            name: synthetic.generate_dataset(folder, count, **kwargs) for name, (folder, count, kwargs) in jobs.items()
-        }
-    return paths["captions"], paths["questions"], paths.get("anneal")
+    return write_datasets(synthetic.generate_dataset, jobs)
 
 
 def generate_varied_data(recipe: dict, work_dir: Path) -> tuple[Path, Path, Path | None]:
@@ -268,9 +252,6 @@ def generate_varied_data(recipe: dict, work_dir: Path) -> tuple[Path, Path, Path
     platform can fork), the largest alone. Drawings are stored squashed to the encoder's square input as the processor
     would (the same pixel values, and every training step reads and decodes only those pixels).
     """
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_all_start_methods, get_context
-
     from ..training import varied_data
 
     common = {
@@ -293,26 +274,31 @@ def generate_varied_data(recipe: dict, work_dir: Path) -> tuple[Path, Path, Path
             recipe["anneal_samples"],
             {"seed": recipe["seed"] + 1, "kinds": kind_cycle(recipe["anneal_kind_mix"]), **questions},
         )
-    if "fork" in get_all_start_methods():
-        # Forked workers draw and write images only (PIL, zlib): nothing in them touches torch's thread pools, and
-        # unlike "spawn" a fork does not re-run the caller's script, which may not guard its `__main__`.
-        with ProcessPoolExecutor(max_workers=2, mp_context=get_context("fork")) as pool:
-            futures = {
-                name: pool.submit(varied_data.generate_varied_dataset, folder, count, **kwargs)
-                for name, (folder, count, kwargs) in jobs.items()
-            }
-            paths = {name: future.result() for name, future in futures.items()}
-    else:
-        paths = {
-            name: varied_data.generate_varied_dataset(folder, count, **kwargs)
-            for name, (folder, count, kwargs) in jobs.items()
-        }
-    return paths["captions"], paths["questions"], paths.get("anneal")
+    return write_datasets(varied_data.generate_varied_dataset, jobs)
 
 
 def encoder_records(records: list[dict]) -> list[dict]:
     """Stage 0's records: one of each drawing (questions about one drawing share it), in a fixed order."""
     return list({record["image"]: record for record in records}.values())
+
+
+def write_datasets(generate, jobs: dict) -> tuple[Path, Path, Path | None]:
+    """Run `generate(folder, count, **kwargs)` for each job `name -> (folder, count, kwargs)`, in two worker processes
+    where the platform can fork; returns the captions', questions' and (or None) end phase's JSON paths."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_all_start_methods, get_context
+
+    if "fork" in get_all_start_methods():
+        # Forked workers draw and write images only (PIL, zlib): nothing in them touches torch's thread pools, and
+        # unlike "spawn" a fork does not re-run the caller's script, which may not guard its `__main__`.
+        with ProcessPoolExecutor(max_workers=2, mp_context=get_context("fork")) as pool:
+            futures = {
+                name: pool.submit(generate, folder, count, **kwargs) for name, (folder, count, kwargs) in jobs.items()
+            }
+            paths = {name: future.result() for name, future in futures.items()}
+    else:
+        paths = {name: generate(folder, count, **kwargs) for name, (folder, count, kwargs) in jobs.items()}
+    return paths["captions"], paths["questions"], paths.get("anneal")
 
 
 def relocated(json_path: Path, root: Path) -> list[dict]:

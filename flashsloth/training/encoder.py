@@ -66,7 +66,7 @@ class SlotLabelDataset(Dataset):
         if missing:
             raise ValueError(
                 f"{len(missing)} records have no 'objects' (e.g. {missing[0]!r}): encoder pre-training needs the "
-                "scene labels that `synthetic.generate_dataset` writes."
+                "scene labels that `synthetic.generate_dataset` and `varied_data.generate_varied_dataset` write."
             )
         self.records = records
         self.image_folder = Path(image_folder)
@@ -79,7 +79,10 @@ class SlotLabelDataset(Dataset):
         record = self.records[index]
         with Image.open(self.image_folder / record["image"]) as image:
             pixel_values = self.image_processor(image.convert("RGB"), return_tensors="pt")["pixel_values"]
-        return {"pixel_values": pixel_values.reshape(pixel_values.shape[-3:]), "labels": slot_labels(record["objects"])}
+        return {"pixel_values": pixel_values.reshape(pixel_values.shape[-3:]), "labels": self.labels(record)}
+
+    def labels(self, record: dict) -> torch.LongTensor:
+        return slot_labels(record["objects"])
 
 
 class SlotClassifier(nn.Module):

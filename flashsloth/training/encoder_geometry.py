@@ -11,14 +11,12 @@ with `encoder.pretrain_encoder(..., classifier=PatchClassifier(vision_tower))`.
 
 import functools
 import os
-from pathlib import Path
 
 import torch
-from PIL import Image
 from torch import nn
-from torch.utils.data import Dataset
 
 from . import synthetic
+from .encoder import SlotLabelDataset
 
 
 # Attribute -> its classes. "present" is 0 for a patch no object covers, whose object attributes are not scored;
@@ -103,32 +101,15 @@ def patch_labels(record: dict, grid: int) -> torch.LongTensor:
     return labels
 
 
-class PatchLabelDataset(Dataset):
+class PatchLabelDataset(SlotLabelDataset):
     """Records that carry `"objects"` -> `{"pixel_values", "labels"}` (the processor's pixels and `patch_labels`)."""
 
     def __init__(self, records: list[dict], image_folder: str | os.PathLike, image_processor, patch_grid_size: int):
-        missing = [record.get("id") for record in records if "objects" not in record]
-        if missing:
-            raise ValueError(
-                f"{len(missing)} records have no 'objects' (e.g. {missing[0]!r}): encoder pre-training needs the "
-                "scene labels that `synthetic.generate_dataset` and `varied_data.generate_varied_dataset` write."
-            )
-        self.records = records
-        self.image_folder = Path(image_folder)
-        self.image_processor = image_processor
+        super().__init__(records, image_folder, image_processor)
         self.patch_grid_size = patch_grid_size
 
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int) -> dict:
-        record = self.records[index]
-        with Image.open(self.image_folder / record["image"]) as image:
-            pixel_values = self.image_processor(image.convert("RGB"), return_tensors="pt")["pixel_values"]
-        return {
-            "pixel_values": pixel_values.reshape(pixel_values.shape[-3:]),
-            "labels": patch_labels(record, self.patch_grid_size),
-        }
+    def labels(self, record: dict) -> torch.LongTensor:
+        return patch_labels(record, self.patch_grid_size)
 
 
 class PatchClassifier(nn.Module):
