@@ -65,6 +65,14 @@ def load(scheme, directory=DEMO_MODEL_DIR):
     return quant.load_quantized(directory, scheme, "cpu")
 
 
+def load_eager_int8(directory=DEMO_MODEL_DIR):
+    """int8 on the CPU as `load("int8")` gives it, without compiling its linears (torchao's eager kernels)."""
+    model = AutoModelForImageTextToText.from_pretrained(
+        directory, trust_remote_code=True, **quant.load_kwargs("int8", "cpu")
+    )
+    return quant.finish_loading(model, "int8", "cpu", compile_linears=False).eval()
+
+
 @pytest.mark.parametrize("scheme", ["int8", "int8-dynamic", "int4"])
 def test_quantized_demo_model_answers_like_fp32(scheme, fp32_model, processor, questions):
     model = load(scheme)
@@ -73,10 +81,12 @@ def test_quantized_demo_model_answers_like_fp32(scheme, fp32_model, processor, q
     for name in quant.MODULES_TO_NOT_CONVERT:  # kept as plain tensors in the checkpoint's dtype
         module = model.get_submodule(name)
         assert all(type(p) is torch.nn.Parameter for p in module.parameters()), name
-    if scheme == "int4":  # bfloat16 for the int4 kernels, the unquantized image path back in fp32
+    if scheme in ("int8", "int4"):  # bfloat16 for the int4 / packed int8 kernels, the image path back in fp32
         assert model.dtype == torch.bfloat16 and model.lm_head.weight.dtype == torch.bfloat16
-        for name in quant.CPU_INT4_FP32_MODULES:
+        for name in quant.CPU_FP32_MODULES:
             assert {p.dtype for p in model.get_submodule(name).parameters()} == {torch.float32}, name
+    compiled = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m._compiled_call_impl is not None]
+    assert len(compiled) == (len(model.model.language_model.layers) * 6 if scheme == "int8" else 0)
     reference, reference_answers = logits_and_answers(fp32_model, processor, questions)
     quantized, answers = logits_and_answers(model, processor, questions)
     deviation = (quantized - reference).abs().max() / reference.abs().max()
@@ -86,9 +96,11 @@ def test_quantized_demo_model_answers_like_fp32(scheme, fp32_model, processor, q
 
 
 def test_int8_saves_and_reloads_quantized(tmp_path, processor, questions):
-    model = load("int8")
+    # Eager on both sides: compiled graphs are shared between models and differ in bfloat16 rounding from call to call.
+    model = load_eager_int8()
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path, trust_remote_code=True)
+    quant.finish_loading(reloaded, "int8", "cpu", compile_linears=False)  # the image path back in fp32
     weight = reloaded.model.language_model.layers[1].self_attn.q_proj.weight
     original = model.model.language_model.layers[1].self_attn.q_proj.weight
     assert type(weight) is type(original)
@@ -97,6 +109,33 @@ def test_int8_saves_and_reloads_quantized(tmp_path, processor, questions):
     after, answers_after = logits_and_answers(reloaded, processor, questions[:2])
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)  # the same weights; kernels may reorder sums
     assert answers_before == answers_after
+
+
+def test_int8_compiled_linears_equal_eager_int8(processor, questions):
+    # The same bfloat16 int8 model with and without its compiled linears: inductor's packed int8 kernel computes what
+    # torchao's eager path does, up to the order of the sums and bfloat16 rounding.
+    compiled = load("int8")
+    eager = load_eager_int8()
+    assert not any(module._compiled_call_impl is not None for module in eager.modules())
+    compiled_logits, compiled_answers = logits_and_answers(compiled, processor, questions)
+    eager_logits, eager_answers = logits_and_answers(eager, processor, questions)
+    deviation = (compiled_logits - eager_logits).abs().max() / eager_logits.abs().max()
+    assert deviation < 0.01, deviation
+    assert compiled_answers == eager_answers
+
+
+def test_int8_without_a_cpp_compiler_stays_eager_and_says_so(monkeypatch, caplog):
+    from transformers.utils import logging
+
+    monkeypatch.setattr(quant.shutil, "which", lambda name: None)
+    model = AutoModelForImageTextToText.from_pretrained(DEMO_MODEL_DIR, trust_remote_code=True, dtype=torch.float32)
+    logger = logging.get_logger("flashsloth.quant")
+    logger.addHandler(caplog.handler)
+    try:
+        assert quant.compile_quantized_linears(model) == 0
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "needs a C++ compiler" in caplog.text and "--quantize int4" in caplog.text
 
 
 def test_int4_cpu_format_cannot_be_saved_and_says_so(tmp_path):
@@ -142,13 +181,15 @@ def test_int4_without_the_cpu_kernel_says_what_to_choose(monkeypatch):
 
 def test_configs_keep_the_small_modules_unquantized():
     config = quant.quantization_config("int8", "cpu")
-    assert config.modules_to_not_convert == list(quant.MODULES_TO_NOT_CONVERT)
+    assert set(config.modules_to_not_convert) == {*quant.MODULES_TO_NOT_CONVERT, *quant.CPU_FP32_MODULES}
+    assert quant.quantization_config("int8-dynamic", "cpu").modules_to_not_convert == list(quant.MODULES_TO_NOT_CONVERT)
     config = quant.quantization_config("int4", "cpu")
-    assert set(config.modules_to_not_convert) == {*quant.MODULES_TO_NOT_CONVERT, *quant.CPU_INT4_FP32_MODULES}
+    assert set(config.modules_to_not_convert) == {*quant.MODULES_TO_NOT_CONVERT, *quant.CPU_FP32_MODULES}
     assert type(config.quant_type).__name__ == "PrototypeInt4WeightOnlyConfig"
     assert config.quant_type.group_size == quant.INT4_GROUP_SIZE
     assert quant.load_kwargs("int4")["dtype"] == torch.bfloat16
-    assert quant.load_kwargs("int8", dtype=torch.float32)["dtype"] == torch.float32
+    assert quant.load_kwargs("int8")["dtype"] == torch.bfloat16  # the packed int8 kernel's activations
+    assert quant.load_kwargs("int8-dynamic", dtype=torch.float32)["dtype"] == torch.float32
 
 
 def test_quantized_weights_are_a_quarter_of_fp32():

@@ -11,11 +11,14 @@ measures every scheme on the full-size model on the CPU. See docs/quantization.m
 """
 
 import importlib.util
+import os
+import shutil
 
 
 # Scheme names of `--quantize`, with what each one is.
 SCHEMES = {
-    "int8": "torchao int8 weight-only, per output channel (Int8WeightOnlyConfig); CPU or CUDA",
+    "int8": "torchao int8 weight-only, per output channel (Int8WeightOnlyConfig); CPU (bfloat16 activations, linear "
+    "layers compiled to the packed int8 kernel) or CUDA",
     "int8-dynamic": "torchao int8 dynamic activation + int8 weight (Int8DynamicActivationInt8WeightConfig); CPU or CUDA",
     "int4": "torchao int4 weight-only, groups of 128, bfloat16 activations (CPU: the tinygemm CPU kernel "
     "_weight_int4pack_mm_for_cpu through PrototypeInt4WeightOnlyConfig; CUDA: Int4WeightOnlyConfig, tile-packed)",
@@ -42,11 +45,13 @@ MODULES_TO_NOT_CONVERT = (
 INT4_GROUP_SIZE = 128
 
 
-# The image path (SigLIP, SAP, projector): with --quantize int4 on the CPU it stays unquantized and goes back to fp32
-# once loaded (`finish_loading`). int4 kernels take bfloat16 activations, but a CPU without AVX512-BF16 or AMX runs
-# bfloat16 matrix products several times slower than fp32 (measured 7x at 128 rows, docs/quantization.md), and the
-# prefill of 729 patches through SigLIP is compute-bound; decoding never reads these weights.
-CPU_INT4_FP32_MODULES = ("model.vision_tower", "model.spatial_pooling", "model.multi_modal_projector")
+# The image path (SigLIP, SAP, projector): with --quantize int8 or int4 on the CPU it stays unquantized and goes back to
+# fp32 once loaded (`finish_loading`), while the language model computes in bfloat16. The int4 kernel and the packed
+# int8 kernel take bfloat16 activations, but a CPU without AVX512-BF16 or AMX runs bfloat16 matrix products several
+# times slower than fp32 (measured 7x at 128 rows, docs/quantization.md), and the prefill of 729 patches through SigLIP
+# is compute-bound; decoding never reads these weights.
+CPU_FP32_MODULES = ("model.vision_tower", "model.spatial_pooling", "model.multi_modal_projector")
+CPU_BF16_SCHEMES = ("int8", "int4")
 
 
 class QuantizationUnavailableError(ValueError):
@@ -155,8 +160,8 @@ def quantization_config(scheme: str, device: str = "cpu"):
             "--device cpu."
         )
     skip = list(MODULES_TO_NOT_CONVERT)
-    if scheme == "int4" and device_type == "cpu":
-        skip += [name for name in CPU_INT4_FP32_MODULES if name not in skip]
+    if scheme in CPU_BF16_SCHEMES and device_type == "cpu":
+        skip += [name for name in CPU_FP32_MODULES if name not in skip]
     return TorchAoConfig(config, modules_to_not_convert=skip)
 
 
@@ -165,8 +170,9 @@ def scheme_dtype(scheme: str, device: str = "cpu"):
     import torch
 
     check_scheme(scheme)
-    # int4 kernels take bfloat16 activations only; bitsandbytes computes in bfloat16 (4-bit) or needs a half dtype.
-    if scheme == "int4" or scheme.startswith("bnb-"):
+    # int4 kernels take bfloat16 activations only, and so does the CPU's packed int8 kernel; bitsandbytes computes in
+    # bfloat16 (4-bit) or needs a half dtype.
+    if scheme == "int4" or scheme.startswith("bnb-") or (scheme == "int8" and _device_type(device) == "cpu"):
         return torch.bfloat16
     return None
 
@@ -191,18 +197,50 @@ def load_kwargs(scheme: str, device: str = "cpu", dtype=None) -> dict:
     return kwargs
 
 
-def finish_loading(model, scheme: str, device: str = "cpu"):
+def compile_quantized_linears(model) -> int:
     """
-    The step after `from_pretrained(**load_kwargs(scheme, device))`: for int4 on the CPU, put the unquantized image
-    path (`CPU_INT4_FP32_MODULES`) back in fp32 (the model casts between the two: pixels to the vision tower's dtype,
-    the projected image tokens to the language model's). Returns the model.
+    Compile every torchao-quantized `nn.Linear` of `model` with inductor, module by module (`nn.Module.compile`), and
+    return how many. Eagerly, torchao's int8 weight-only linear rebuilds its whole weight on every call; compiled with
+    bfloat16 inputs, inductor lowers it to PyTorch's packed int8 kernel (`_weight_int8pack_mm`): one token through a
+    Phi-2 MLP matrix takes 2.7 ms instead of 45 (docs/quantization.md). The modules share their graphs, one per weight
+    shape for one row and one for any number of rows, compiled on first use in a few seconds. Inductor needs a C++
+    compiler on the CPU; without one the model stays eager, with a warning.
+    """
+    import torch
+    from transformers.utils import logging
+
+    compiler = os.environ.get("CXX") or "g++"
+    if shutil.which(compiler) is None and shutil.which("c++") is None:
+        logging.get_logger(__name__).warning(
+            f"--quantize int8 on the CPU compiles its linear layers, which needs a C++ compiler, and {compiler!r} is "
+            "not installed: int8 runs eagerly, many times slower. Install g++ (apt install g++) or use --quantize int4."
+        )
+        return 0
+    quantized = [
+        module
+        for module in model.modules()
+        if isinstance(module, torch.nn.Linear) and type(module.weight).__module__.startswith("torchao")
+    ]
+    for module in quantized:
+        module.compile()
+    return len(quantized)
+
+
+def finish_loading(model, scheme: str, device: str = "cpu", compile_linears: bool = True):
+    """
+    The step after `from_pretrained(**load_kwargs(scheme, device))`. For int8 and int4 on the CPU, put the unquantized
+    image path (`CPU_FP32_MODULES`) back in fp32 (the model casts between the two: pixels to the vision tower's dtype,
+    the projected image tokens to the language model's); for int8 on the CPU, also compile the quantized linears
+    (`compile_quantized_linears`) unless `compile_linears` is False. Returns the model.
     """
     import torch
 
     check_scheme(scheme)
-    if scheme == "int4" and _device_type(device) == "cpu":
-        for name in CPU_INT4_FP32_MODULES:
+    if scheme in CPU_BF16_SCHEMES and _device_type(device) == "cpu":
+        for name in CPU_FP32_MODULES:
             model.get_submodule(name).to(torch.float32)
+        if scheme == "int8" and compile_linears:
+            compile_quantized_linears(model)
     return model
 
 
