@@ -239,20 +239,35 @@ def test_quant_bench_refuses_bad_requests_before_any_work(capsys):
 
 
 def test_quant_bench_worker_measures_a_format_against_fp32(tmp_path):
-    # One worker process pair at the tiny size: the fp32 reference, then int8 compared with it.
+    # One worker process pair at the tiny size, from a bf16 checkpoint: the fp32 reference, then int8 compared with it.
+    from flashsloth.quant.bench import format_markdown
     from flashsloth.quant.worker import main as worker_main
+    from safetensors import safe_open
 
     checkpoint = tmp_path / "random"
-    assert worker_main(["prepare", "--size", "tiny", "--checkpoint", str(checkpoint)]) == 0
+    assert worker_main(["prepare", "--size", "tiny", "--checkpoint", str(checkpoint), "--dtype", "bf16"]) == 0
+    with safe_open(str(checkpoint / "model.safetensors"), "pt") as weights:
+        assert weights.get_tensor("lm_head.weight").dtype == torch.bfloat16
     results = {}
     for scheme in ("fp32", "int8"):
         output = tmp_path / f"{scheme}.json"
-        arguments = ["measure", "--size", "tiny", "--checkpoint", str(checkpoint), "--scheme", scheme]
+        arguments = ["measure", "--size", "tiny", "--checkpoint", str(checkpoint), "--scheme", scheme, "--warmup"]
         arguments += ["--new-tokens", "3", "--logits-dir", str(tmp_path), "--output", str(output)]
         assert worker_main(arguments) == 0
         results[scheme] = json.loads(output.read_text())
     for name in ("flashsloth", "peer"):
         int8 = results["int8"]["models"][name]
         assert len(int8["tokens"]) == 3 and int8["ttft_s"] > 0 and int8["decode_s"] > 0
+        assert int8["warmup_response_s"] > 0
         assert 0 < int8["logit_max_rel"] < MAX_RELATIVE_DEVIATION["int8"] * 3
     assert results["int8"]["decode_weight_bytes"] < results["fp32"]["decode_weight_bytes"]
+    report = {"results": list(results.values()), "goals": {"decode_ms": 150, "ttft_s": 5, "peak_rss_gb": 4}}
+    report.update(threads=2, size="tiny", new_tokens=3, repeats=1, warmup=True, checkpoint_dtype="bf16")
+    report.update(loadavg_start=(0.0,), loadavg_end=(0.0,), bandwidth_gbs=15.5)
+    for result in report["results"]:
+        result["decode_limit_ms"] = result["decode_weight_bytes"] / 15.5e6
+    markdown = format_markdown(report)
+    assert "after a 2-token warm-up call, from a bf16 checkpoint" in markdown and "| first call s |" in markdown
+    first_call = results["int8"]["models"]["flashsloth"]["warmup_response_s"]
+    assert f"| int8 | FlashSloth | {results['int8']['models']['flashsloth']['prompt_tokens']} |" in markdown
+    assert f"| {first_call:.2f} |" in markdown

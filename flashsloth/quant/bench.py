@@ -53,7 +53,19 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument(
         "--repeats", type=int, default=1, help="Timed runs per model and format; medians are reported (default: 1)."
     )
-    parser.add_argument("--warmup", action="store_true", help="Generate 2 tokens untimed before the timed runs.")
+    parser.add_argument(
+        "--warmup",
+        action="store_true",
+        help="Generate 2 tokens before the timed runs (reported as the first call: page faults of the mapped "
+        "checkpoint, int8's compilation), so that the timed runs are warm.",
+    )
+    parser.add_argument(
+        "--checkpoint-dtype",
+        choices=("bf16", "fp32"),
+        default="bf16",
+        help="dtype of the saved random checkpoint that every format loads: bf16, as Hub checkpoints usually are "
+        "(half the bytes to read, half the page cache while loading), or fp32 (default: %(default)s).",
+    )
     parser.add_argument(
         "--no-peer-formats",
         default="",
@@ -121,7 +133,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     formats = parse_formats(args.formats)
     workdir = args.workdir or tempfile.mkdtemp(prefix="flashsloth-quant-bench-")
     os.makedirs(workdir, exist_ok=True)
-    checkpoint = os.path.join(workdir, f"random-{args.size}")
+    checkpoint = os.path.join(workdir, f"random-{args.size}-{args.checkpoint_dtype}")
     log_path = os.path.join(workdir, "workers.log")
     report = {
         "size": args.size,
@@ -129,6 +141,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
         "warmup": args.warmup,
+        "checkpoint_dtype": args.checkpoint_dtype,
         "bandwidth_gbs": args.bandwidth_gbs,
         "goals": GOALS,
         "cpu_count": os.cpu_count(),
@@ -138,7 +151,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     try:
         if not os.path.isfile(os.path.join(checkpoint, "config.json")):
-            _worker(["prepare", "--size", args.size, "--checkpoint", checkpoint], log_path)
+            _worker(
+                ["prepare", "--size", args.size, "--checkpoint", checkpoint, "--dtype", args.checkpoint_dtype], log_path
+            )
         for weights in formats:
             output = os.path.join(workdir, f"{weights}.json")
             if args.resume and os.path.isfile(output):
@@ -187,6 +202,7 @@ def table_rows(report: dict) -> list[dict]:
                     "decode_ms": model["decode_s"] * 1e3,
                     "decode_limit_ms": result["decode_limit_ms"],
                     "response_s": model["response_s"],
+                    "first_call_s": model.get("warmup_response_s", float("nan")),
                     "peak_rss_gb": model["peak_rss_bytes"] / 1e9,
                     "loaded_rss_gb": result.get("rss_after_load_bytes", float("nan")) / 1e9,
                     "peak_anon_gb": model.get("peak_anon_rss_bytes", float("nan")) / 1e9,
@@ -215,7 +231,8 @@ def format_markdown(report: dict) -> str:
     shared = max(report["loadavg_start"][0], report["loadavg_end"][0]) > report["threads"] + 0.5
     lines = [
         f"CPU, {report['threads']} threads, size `{report['size']}`, {report['new_tokens']}-token greedy responses, "
-        f"medians of {report['repeats']} run(s); load average {report['loadavg_start'][0]:.1f} at the start, "
+        f"medians of {report['repeats']} run(s) after {'a 2-token warm-up call' if report['warmup'] else 'no warm-up'}, "
+        f"from a {report.get('checkpoint_dtype', 'fp32')} checkpoint; load average {report['loadavg_start'][0]:.1f} at the start, "
         f"{report['loadavg_end'][0]:.1f} at the end ("
         + ("the machine is shared: times are disturbed)." if shared else "no other work on the machine)."),
         "",
@@ -224,18 +241,18 @@ def format_markdown(report: dict) -> str:
         f"token over {report['bandwidth_gbs']} GB/s. Peak RSS is the kernel's `VmHWM`, which also counts the page cache "
         "of the mmap'd checkpoint read while loading; peak anon is the sampled anonymous part (tensors, heap); RSS "
         "loaded is the resident set once loaded. The peer's peaks start from the loaded weights (reset after "
-        "FlashSloth's runs).",
+        "FlashSloth's runs). First call: the warm-up's 2-token response (mapped pages read, int8's linears compiled).",
         "",
-        "| format | model | prompt | load s | TTFT s (goal 5) | decode ms/token (goal 150) | decode limit ms | "
-        "8-token s | peak RSS GB (goal 4) | peak anon GB | RSS loaded GB | logits max rel | logits mean rel | top-1 = fp32 | "
+        "| format | model | prompt | load s | first call s | TTFT s (goal 5) | decode ms/token (goal 150) | "
+        "decode limit ms | 8-token s | peak RSS GB (goal 4) | peak anon GB | RSS loaded GB | logits max rel | logits mean rel | top-1 = fp32 | "
         "tokens = fp32 |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for row in rows:
         same_tokens = row["tokens"] == reference_tokens.get(row["model"])
         lines.append(
             f"| {row['format']} | {row['model']} | {row['prompt_tokens']} | {row['load_s']:.1f} | "
-            f"{row['ttft_s']:.2f} | {row['decode_ms']:.0f} | {row['decode_limit_ms']:.0f} | {row['response_s']:.2f} | "
+            f"{_optional(row['first_call_s'])} | {row['ttft_s']:.2f} | {row['decode_ms']:.0f} | {row['decode_limit_ms']:.0f} | {row['response_s']:.2f} | "
             f"{row['peak_rss_gb']:.2f} | {_optional(row['peak_anon_gb'])} | {_optional(row['loaded_rss_gb'])} | "
             f"{_deviation(row['logit_max_rel'])} | {_deviation(row['logit_mean_rel'])} | "
             f"{'-' if row['top1_equal'] is None else ('yes' if row['top1_equal'] else 'no')} | "

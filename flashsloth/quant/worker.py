@@ -94,14 +94,15 @@ def decode_weight_bytes(model) -> int:
     return sum(tensor_bytes(parameter) for module in modules for parameter in module.parameters())
 
 
-def prepare(size: str, checkpoint: str) -> None:
-    """Save FlashSloth with the benchmark's random weights (fp32, safetensors) at `size` to the folder `checkpoint`."""
+def prepare(size: str, checkpoint: str, dtype: str = "fp32") -> None:
+    """Save FlashSloth with the benchmark's random weights at `size` to the folder `checkpoint` (safetensors), in fp32
+    or bf16 (`dtype`)."""
     import torch
 
     from ..bench import build_models
 
     flashsloth, _ = build_models(size, torch.float32, "cpu")
-    flashsloth.save_pretrained(checkpoint)
+    flashsloth.to({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]).save_pretrained(checkpoint)
 
 
 def load(checkpoint: str, weights: str):
@@ -227,6 +228,7 @@ def main(argv=None) -> int:
     prepare_parser = commands.add_parser("prepare", help="Save the random-weight checkpoint.")
     prepare_parser.add_argument("--size", required=True)
     prepare_parser.add_argument("--checkpoint", required=True)
+    prepare_parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     measure_parser = commands.add_parser("measure", help="Load one weights format and time both models.")
     measure_parser.add_argument("--size", required=True)
     measure_parser.add_argument("--checkpoint", required=True)
@@ -242,7 +244,7 @@ def main(argv=None) -> int:
     measure_parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
     if args.command == "prepare":
-        prepare(args.size, args.checkpoint)
+        prepare(args.size, args.checkpoint, args.dtype)
         return 0
     result = measure(args)
     with open(args.output, "w") as output:
