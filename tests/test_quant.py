@@ -138,6 +138,23 @@ def test_int8_without_a_cpp_compiler_stays_eager_and_says_so(monkeypatch, caplog
     assert "needs a C++ compiler" in caplog.text and "--quantize int4" in caplog.text
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_model_keeps_no_view_of_the_checkpoint_file(scheme, tmp_path):
+    # From a bf16 checkpoint, the tensors left in bf16 would stay views of the memory-mapped file, which keeps the whole
+    # file resident; finish_loading copies them out, so the file is no longer mapped once loading is done.
+    import gc
+
+    bf16 = AutoModelForImageTextToText.from_pretrained(DEMO_MODEL_DIR, trust_remote_code=True, dtype=torch.bfloat16)
+    bf16.save_pretrained(tmp_path)
+    del bf16
+    model = load(scheme, tmp_path)
+    gc.collect()
+    checkpoint = str(tmp_path / "model.safetensors")
+    with open("/proc/self/maps") as maps:
+        assert checkpoint not in maps.read()
+    assert model.lm_head.weight.dtype == torch.bfloat16  # left in the checkpoint's dtype, copied
+
+
 def test_int4_cpu_format_cannot_be_saved_and_says_so(tmp_path):
     # torchao's CPU int4 layout (Int4OpaqueTensor) has no safetensors form: quantize at load time instead.
     with pytest.raises(ValueError, match="Unsupported tensor type"):
@@ -240,9 +257,10 @@ def test_quant_bench_refuses_bad_requests_before_any_work(capsys):
 
 def test_quant_bench_worker_measures_a_format_against_fp32(tmp_path):
     # One worker process pair at the tiny size, from a bf16 checkpoint: the fp32 reference, then int8 compared with it.
+    from safetensors import safe_open
+
     from flashsloth.quant.bench import format_markdown
     from flashsloth.quant.worker import main as worker_main
-    from safetensors import safe_open
 
     checkpoint = tmp_path / "random"
     assert worker_main(["prepare", "--size", "tiny", "--checkpoint", str(checkpoint), "--dtype", "bf16"]) == 0

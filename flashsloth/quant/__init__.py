@@ -226,9 +226,34 @@ def compile_quantized_linears(model) -> int:
     return len(quantized)
 
 
+def release_checkpoint_mapping(model) -> int:
+    """
+    Copy every plain (unquantized) parameter and buffer of `model` that may still be a view of the memory-mapped
+    safetensors checkpoint into memory of its own, and return how many were copied (tied tensors stay tied). Tensors
+    whose dtype the loading did not change stay views of the mapping, which keeps the whole checkpoint file resident
+    once every page was read: loaded from a bf16 checkpoint, int4 held 9.2 GB resident instead of 3.9.
+    """
+    import torch
+
+    copies, count = {}, 0
+    for module in model.modules():
+        for tensors in (module._parameters, module._buffers):
+            for tensor in tensors.values():
+                plain = type(tensor) in (torch.Tensor, torch.nn.Parameter)
+                if tensor is None or not plain or tensor.device.type != "cpu":
+                    continue
+                key = tensor.data_ptr()
+                if key not in copies:
+                    copies[key] = tensor.data.clone()
+                    count += 1
+                tensor.data = copies[key]
+    return count
+
+
 def finish_loading(model, scheme: str, device: str = "cpu", compile_linears: bool = True):
     """
-    The step after `from_pretrained(**load_kwargs(scheme, device))`. For int8 and int4 on the CPU, put the unquantized
+    The step after `from_pretrained(**load_kwargs(scheme, device))`. On the CPU, copy the unquantized tensors out of the
+    checkpoint's memory map (`release_checkpoint_mapping`). For int8 and int4 on the CPU, put the unquantized
     image path (`CPU_FP32_MODULES`) back in fp32 (the model casts between the two: pixels to the vision tower's dtype,
     the projected image tokens to the language model's); for int8 on the CPU, also compile the quantized linears
     (`compile_quantized_linears`) unless `compile_linears` is False. Returns the model.
@@ -236,6 +261,8 @@ def finish_loading(model, scheme: str, device: str = "cpu", compile_linears: boo
     import torch
 
     check_scheme(scheme)
+    if _device_type(device) == "cpu" and not scheme.startswith("bnb-"):
+        release_checkpoint_mapping(model)
     if scheme in CPU_BF16_SCHEMES and _device_type(device) == "cpu":
         for name in CPU_FP32_MODULES:
             model.get_submodule(name).to(torch.float32)
