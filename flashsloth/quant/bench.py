@@ -10,6 +10,7 @@ peer shares every weight of the loaded FlashSloth, so it runs in the same proces
 
     flashsloth quant-bench --size tiny
     flashsloth quant-bench --size full --json docs/quant_cpu.json --markdown docs/quant_cpu.md --plot docs/quant_cpu.png
+    flashsloth quant-bench --kernels --markdown docs/quant_kernels_cpu.md
 """
 
 import argparse
@@ -91,6 +92,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         action="store_true",
         help="With --workdir: reuse the results already there (e.g. after an interrupted full run) and measure only "
         "the missing formats.",
+    )
+    parser.add_argument(
+        "--kernels",
+        action="store_true",
+        help="Time only the CPU kernels of each format on one Phi-2 MLP matrix, 1 row and --kernel-rows rows, and "
+        "print each one's floor for a decoding step (flashsloth.quant.kernels; a minute).",
+    )
+    parser.add_argument(
+        "--kernel-rows", type=int, default=140, help="Rows of the prefill case of --kernels (default: %(default)s)."
     )
     parser.add_argument("--json", default=None, metavar="PATH", help="Write every measurement as JSON.")
     parser.add_argument("--markdown", default=None, metavar="PATH", help="Write the table as markdown.")
@@ -298,6 +308,28 @@ def plot_report(report: dict, path: str) -> None:
     plt.close(figure)
 
 
+def run_kernels(args: argparse.Namespace) -> None:
+    from ..cli_errors import CliError
+    from . import QuantizationUnavailableError, quantization_config
+    from .kernels import format_kernels, time_kernels
+
+    if args.kernel_rows < 2:
+        raise CliError("--kernel-rows must be at least 2 (1 row is always timed)")
+    try:
+        quantization_config("int4", "cpu")
+    except QuantizationUnavailableError as error:
+        raise CliError(str(error)) from error
+    report = time_kernels(rows=(1, args.kernel_rows), repeats=max(args.repeats, 10), threads=args.threads)
+    markdown = format_kernels(report)
+    print(markdown, end="")
+    if args.json:
+        with open(args.json, "w") as output:
+            json.dump(report, output, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as output:
+            output.write(markdown)
+
+
 def run_quant_bench(args: argparse.Namespace) -> None:
     from ..cli_errors import CliError
 
@@ -309,6 +341,9 @@ def run_quant_bench(args: argparse.Namespace) -> None:
         raise CliError("--resume needs --workdir, the folder of the earlier run")
     if args.threads < 1 or args.new_tokens < 2 or args.repeats < 1:
         raise CliError("--threads and --repeats must be at least 1, --new-tokens at least 2")
+    if args.kernels:
+        run_kernels(args)
+        return
     if "int8" in args.formats or "int4" in args.formats:
         from . import QuantizationUnavailableError, quantization_config
 
