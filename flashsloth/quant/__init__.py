@@ -221,6 +221,9 @@ def compile_quantized_linears(model) -> int:
         for module in model.modules()
         if isinstance(module, torch.nn.Linear) and type(module.weight).__module__.startswith("torchao")
     ]
+    # Every weight shape is a graph of its own (two with the 1-row one): a model has a few, but a process holding
+    # several models (quant-eval, a server's model and its draft) passed Dynamo's default of 8 and ran the rest eagerly.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for module in quantized:
         module.compile()
     return len(quantized)
