@@ -239,10 +239,11 @@ def format_markdown(report: dict) -> str:
     reference_tokens = {row["model"]: row["tokens"] for row in rows if row["format"] == "fp32"}
     # Above the benchmark's own threads (plus a margin), other work shared the cores.
     shared = max(report["loadavg_start"][0], report["loadavg_end"][0]) > report["threads"] + 0.5
+    warmup = "a 2-token warm-up call" if report.get("warmup") else "no warm-up"
     lines = [
         f"CPU, {report['threads']} threads, size `{report['size']}`, {report['new_tokens']}-token greedy responses, "
-        f"medians of {report['repeats']} run(s) after {'a 2-token warm-up call' if report['warmup'] else 'no warm-up'}, "
-        f"from a {report.get('checkpoint_dtype', 'fp32')} checkpoint; load average {report['loadavg_start'][0]:.1f} at the start, "
+        f"medians of {report['repeats']} run(s) after {warmup}, from a {report.get('checkpoint_dtype', 'fp32')} "
+        f"checkpoint; load average {report['loadavg_start'][0]:.1f} at the start, "
         f"{report['loadavg_end'][0]:.1f} at the end ("
         + ("the machine is shared: times are disturbed)." if shared else "no other work on the machine)."),
         "",
@@ -254,15 +255,16 @@ def format_markdown(report: dict) -> str:
         "FlashSloth's runs). First call: the warm-up's 2-token response (mapped pages read, int8's linears compiled).",
         "",
         "| format | model | prompt | load s | first call s | TTFT s (goal 5) | decode ms/token (goal 150) | "
-        "decode limit ms | 8-token s | peak RSS GB (goal 4) | peak anon GB | RSS loaded GB | logits max rel | logits mean rel | top-1 = fp32 | "
-        "tokens = fp32 |",
+        "decode limit ms | 8-token s | peak RSS GB (goal 4) | peak anon GB | RSS loaded GB | logits max rel | "
+        "logits mean rel | top-1 = fp32 | tokens = fp32 |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for row in rows:
         same_tokens = row["tokens"] == reference_tokens.get(row["model"])
         lines.append(
             f"| {row['format']} | {row['model']} | {row['prompt_tokens']} | {row['load_s']:.1f} | "
-            f"{_optional(row['first_call_s'])} | {row['ttft_s']:.2f} | {row['decode_ms']:.0f} | {row['decode_limit_ms']:.0f} | {row['response_s']:.2f} | "
+            f"{_optional(row['first_call_s'])} | {row['ttft_s']:.2f} | {row['decode_ms']:.0f} | "
+            f"{row['decode_limit_ms']:.0f} | {row['response_s']:.2f} | "
             f"{row['peak_rss_gb']:.2f} | {_optional(row['peak_anon_gb'])} | {_optional(row['loaded_rss_gb'])} | "
             f"{_deviation(row['logit_max_rel'])} | {_deviation(row['logit_mean_rel'])} | "
             f"{'-' if row['top1_equal'] is None else ('yes' if row['top1_equal'] else 'no')} | "

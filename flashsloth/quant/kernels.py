@@ -98,8 +98,9 @@ def format_kernels(report: dict) -> str:
         f"{report['repeats']}; `decode floor` is the 1-row time x {PHI2_DECODER_MATRICES:.0f}, Phi-2's decoder weights "
         "in matrices of this size: the least time per token of the decoder's products with this kernel.",
         "",
-        "| path | " + " | ".join(f"{count} row{'s' if count > 1 else ''} ms" for count in rows) + " | decode floor ms | "
-        "max rel vs fp32 |",
+        "| path | "
+        + " | ".join(f"{count} row{'s' if count > 1 else ''} ms" for count in rows)
+        + " | decode floor ms | max rel vs fp32 |",
         "|---|" + "---:|" * (len(rows) + 2),
     ]
     for path in paths:
