@@ -310,6 +310,17 @@ def plot_report(report: dict, path: str) -> None:
     plt.close(figure)
 
 
+def write_outputs(args: argparse.Namespace, report: dict, markdown: str) -> None:
+    """Print the table, and write it and the report where --markdown and --json ask."""
+    print(markdown, end="")
+    if args.json:
+        with open(args.json, "w") as output:
+            json.dump(report, output, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as output:
+            output.write(markdown)
+
+
 def run_kernels(args: argparse.Namespace) -> None:
     from ..cli_errors import CliError
     from . import QuantizationUnavailableError, quantization_config
@@ -322,14 +333,7 @@ def run_kernels(args: argparse.Namespace) -> None:
     except QuantizationUnavailableError as error:
         raise CliError(str(error)) from error
     report = time_kernels(rows=(1, args.kernel_rows), repeats=max(args.repeats, 10), threads=args.threads)
-    markdown = format_kernels(report)
-    print(markdown, end="")
-    if args.json:
-        with open(args.json, "w") as output:
-            json.dump(report, output, indent=1)
-    if args.markdown:
-        with open(args.markdown, "w") as output:
-            output.write(markdown)
+    write_outputs(args, report, format_kernels(report))
 
 
 def run_quant_bench(args: argparse.Namespace) -> None:
@@ -354,14 +358,7 @@ def run_quant_bench(args: argparse.Namespace) -> None:
         except QuantizationUnavailableError as error:
             raise CliError(str(error)) from error
     report = run_benchmark(args)
-    markdown = format_markdown(report)
-    print(markdown, end="")
-    if args.json:
-        with open(args.json, "w") as output:
-            json.dump(report, output, indent=1)
-    if args.markdown:
-        with open(args.markdown, "w") as output:
-            output.write(markdown)
+    write_outputs(args, report, format_markdown(report))
     if args.plot:
         plot_report(report, args.plot)
 
