@@ -94,6 +94,13 @@ def add_commands(subparsers) -> None:
         "sizes, backgrounds, outlines, anti-aliasing, blur, JPEG, aspect ratios, colour shades, held-out wordings) "
         "and a mixed family, per question kind; --per-kind then counts the questions per cell.",
     )
+    eval_parser.add_argument(
+        "--encoder-probe",
+        action="store_true",
+        help="Score only the encoder, without asking questions: a linear probe learns each object's shape and colour "
+        "from its mean patch feature, per family of drawing; --per-kind then counts the drawings per family. A "
+        "minute on a CPU, to judge a stage 0 before the later stages.",
+    )
     eval_parser.set_defaults(handler=run_demo_eval)
 
     ablation = subparsers.add_parser(
@@ -208,8 +215,17 @@ def run_demo_train(args: argparse.Namespace) -> None:
 def run_demo_eval(args: argparse.Namespace) -> None:
     if args.per_kind < 1:
         raise CliError(f"--per-kind must be at least 1, got {args.per_kind}")
+    if args.robustness and args.encoder_probe:
+        raise CliError("--robustness and --encoder-probe are two different evaluations; choose one")
     model, processor = _load(args.model)
-    if args.robustness:
+    if args.encoder_probe:
+        from .encoder_probe import PROBE_SEED, format_probe, probe_encoder
+
+        scores = probe_encoder(
+            model.model.vision_tower, processor.image_processor, per_family=args.per_kind, seed=args.seed + PROBE_SEED
+        )
+        print(format_probe(scores))
+    elif args.robustness:
         scores = evaluate_robustness(model, processor, per_cell=args.per_kind, seed=args.seed + ROBUSTNESS_SEED)
         print(format_robustness(scores))
     else:
