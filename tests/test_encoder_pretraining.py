@@ -21,6 +21,8 @@ from flashsloth.training.encoder import (
 )
 from flashsloth.training.encoder_geometry import (
     PATCH_ATTRIBUTES,
+    MAX_OBJECTS,
+    POOLED_ATTRIBUTES,
     PatchClassifier,
     PatchLabelDataset,
     covering_objects,
@@ -136,10 +138,24 @@ def test_classifier_scores_every_patch(tiny_stage0):
     dataset = PatchLabelDataset(slot_dataset.records, slot_dataset.image_folder, slot_dataset.image_processor, 9)
     classifier = PatchClassifier(model.model.vision_tower)
     items = [dataset[index] for index in range(2)]
-    pixel_values = torch.stack([item["pixel_values"] for item in items])
-    output = classifier(pixel_values, torch.stack([item["labels"] for item in items]))
-    assert [tuple(logits.shape) for logits in output["logits"]] == [(2, 81, len(c)) for c in PATCH_ATTRIBUTES.values()]
+    batch = {name: torch.stack([item[name] for item in items]) for name in items[0]}
+    output = classifier(**batch)
+    # Shape and colour+shape are scored on each object's pooled patches (up to 4 objects), the others on every patch.
+    assert [tuple(logits.shape) for logits in output["logits"]] == [
+        (2, MAX_OBJECTS if name in POOLED_ATTRIBUTES else 81, len(classes)) for name, classes in PATCH_ATTRIBUTES.items()
+    ]
     assert output["loss"].ndim == 0 and torch.isfinite(output["loss"])
+    # The pooled features are each object's patch features weighted by its coverage, which sums to its area.
+    record = dataset.records[0]
+    assert batch["object_coverage"][0, len(record["objects"]) :].sum() == 0
+    assert (batch["object_labels"][0, len(record["objects"]) :] == IGNORE_INDEX).all()
+    features = model.model.vision_tower(batch["pixel_values"]).last_hidden_state
+    first = batch["object_coverage"][0, 0]
+    shape_head = classifier.heads[list(PATCH_ATTRIBUTES).index("shape")]
+    expected = shape_head((first[:, None] * features[0]).sum(0) / first.sum())
+    torch.testing.assert_close(output["logits"][list(PATCH_ATTRIBUTES).index("shape")][0, 0], expected)
+    shape = record["objects"][0]["shape"]
+    assert batch["object_labels"][0, 0, POOLED_ATTRIBUTES.index("shape")] == synthetic.SHAPES.index(shape)
 
 
 def test_pretraining_changes_only_the_encoder_and_learns(tiny_stage0, tmp_path):

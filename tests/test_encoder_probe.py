@@ -9,20 +9,23 @@ import pytest
 import torch
 from torch import nn
 
-from flashsloth.demo.encoder_probe import fit_linear_probe, format_probe, object_coverage, probe_encoder
+from flashsloth.demo.encoder_probe import fit_linear_probe, format_probe, probe_encoder
+from flashsloth.training.encoder_geometry import object_coverage
+from flashsloth.training.varied_data import scene_record
 from flashsloth.training.varied_scenes import FAMILIES, VariedObject, VariedScene
 
 
-def scene_of(shape: str, width: int = 144, height: int = 144, center=(0.5, 0.5), radius=0.25) -> VariedScene:
+def record_of(shape: str, width: int = 144, height: int = 144, center=(0.5, 0.5), radius=0.25) -> dict:
     obj = VariedObject(shape, "red", None, center, radius, (255, 0, 0), 0)
-    return VariedScene((obj,), width, height, "white", ((255, 255, 255),), False, 0.0, None)
+    scene = VariedScene((obj,), width, height, "white", ((255, 255, 255),), False, 0.0, None)
+    return scene_record(scene, "test", "test", ("", ""))
 
 
 @pytest.mark.parametrize("shape, area", [("circle", math.pi), ("square", 4.0), ("triangle", 2.0)])
 def test_coverage_is_the_shapes_area_on_the_squashed_square(shape, area):
     # Radius 0.25 of the short side; on a 2:1 canvas squashed to 72 x 72 the region is half as wide.
     for width, squash in ((144, 1.0), (288, 0.5)):
-        coverage = object_coverage(scene_of(shape, width=width), image_size=72, patch_size=8)
+        coverage = object_coverage(record_of(shape, width=width), image_size=72, patch_size=8)
         assert coverage.shape == (1, 81)
         expected = area * (0.25 * 72) ** 2 * squash / 64  # in patches of 8 x 8 pixels
         assert coverage.sum().item() == pytest.approx(expected, rel=0.04)
@@ -30,7 +33,7 @@ def test_coverage_is_the_shapes_area_on_the_squashed_square(shape, area):
 
 
 def test_coverage_lies_where_the_object_is():
-    coverage = object_coverage(scene_of("square", center=(0.2, 0.8), radius=0.1), image_size=72, patch_size=8)
+    coverage = object_coverage(record_of("square", center=(0.2, 0.8), radius=0.1), image_size=72, patch_size=8)
     grid = coverage.view(9, 9)  # rows are y
     assert grid[7, 1] == 1  # the patch at x = 0.17-0.22, y = 0.78-0.89 lies inside the square
     assert grid[:5].sum() == 0 and grid[:, 4:].sum() == 0

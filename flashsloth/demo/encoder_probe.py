@@ -5,43 +5,21 @@ What a demo model's encoder knows about each object, before any question is aske
 The language model can only answer what the frozen encoder puts in its patches, and a full `demo-train` run takes most
 of an hour; this probe scores an encoder in a minute. For every object of fresh drawings of a family
 (`training.varied_scenes`), the features of the patches its region covers are averaged, weighted by how much of each
-patch it covers (the pooling EmbQ and SAP can do), and a linear classifier learns its shape or colour from two thirds
-of the objects; the accuracy is on the other third. Chance is 1/3 for shapes and 1/6 for colours.
+patch it covers (`training.encoder_geometry.object_coverage`, the pooling the varied recipe's stage 0 trains on), and
+a linear classifier learns its shape or colour from two thirds of the objects; the accuracy is on the other third.
+Chance is 1/3 for shapes and 1/6 for colours.
 """
 
 import random
 
 import torch
-from PIL import Image, ImageDraw
 from torch import nn
+
+from ..training.encoder_geometry import object_coverage
 
 PROBED_ATTRIBUTES = ("shape", "color")
 # Added to `demo-eval --seed`, as `robustness.ROBUSTNESS_SEED` is: drawings other than the robustness evaluation's.
 PROBE_SEED = 3
-
-
-def object_coverage(scene, image_size: int, patch_size: int) -> torch.Tensor:
-    """`(objects, patches)`: the share of each patch (row-major, on the square the processor squashes the drawing to)
-    that each object's region covers (its filled shape, also for an outlined one)."""
-    grid = image_size // patch_size
-    short = min(scene.width, scene.height)
-    coverage = []
-    for obj in scene.objects:
-        mask = Image.new("L", (scene.width, scene.height), 0)
-        draw = ImageDraw.Draw(mask)
-        x, y, radius = obj.center[0] * scene.width, obj.center[1] * scene.height, obj.radius * short
-        box = (x - radius, y - radius, x + radius, y + radius)
-        if obj.shape == "circle":
-            draw.ellipse(box, fill=255)
-        elif obj.shape == "square":
-            draw.rectangle(box, fill=255)
-        else:
-            draw.polygon([(x, box[1]), (box[2], box[3]), (box[0], box[3])], fill=255)
-        mask = mask.resize((image_size, image_size), Image.Resampling.BOX)
-        pixels = torch.frombuffer(bytearray(mask.tobytes()), dtype=torch.uint8).float()
-        pixels = pixels.view(grid, patch_size, grid, patch_size)
-        coverage.append(pixels.mean(dim=(1, 3)).flatten() / 255)
-    return torch.stack(coverage)
 
 
 def fit_linear_probe(features: torch.Tensor, labels: torch.LongTensor, num_classes: int, steps: int = 200) -> float:
@@ -76,6 +54,7 @@ def probe_encoder(vision_tower, image_processor, per_family: int = 300, seed: in
     "per_family": int}`.
     """
     from ..training import synthetic
+    from ..training.varied_data import scene_record
     from ..training.varied_scenes import FAMILIES, render_varied_scene, sample_varied_scene
 
     image_size, patch_size = vision_tower.config.image_size, vision_tower.config.patch_size
@@ -92,7 +71,8 @@ def probe_encoder(vision_tower, image_processor, per_family: int = 300, seed: in
             pixel_values = pixel_values["pixel_values"].flatten(0, -4)
             features = vision_tower(pixel_values).last_hidden_state  # (drawings, patches, hidden)
             for scene, scene_features in zip(batch, features):
-                coverage = object_coverage(scene, image_size, patch_size)  # (objects, patches)
+                record = scene_record(scene, "probe", "probe", ("", ""))
+                coverage = object_coverage(record, image_size, patch_size)  # (objects, patches)
                 pooled.append(coverage @ scene_features / coverage.sum(dim=1, keepdim=True).clamp(min=1e-6))
                 for attribute in PROBED_ATTRIBUTES:
                     labels[attribute] += [classes[attribute].index(getattr(obj, attribute)) for obj in scene.objects]
