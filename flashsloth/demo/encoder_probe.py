@@ -17,6 +17,7 @@ from torch import nn
 
 from ..training.encoder_geometry import object_coverage
 
+
 PROBED_ATTRIBUTES = ("shape", "color")
 # Added to `demo-eval --seed`, as `robustness.ROBUSTNESS_SEED` is: drawings other than the robustness evaluation's.
 PROBE_SEED = 3

@@ -2,8 +2,8 @@
 Stage 0 on varied drawings (the demo recipe's `training_data="varied"`): labels for every patch from the scene geometry.
 
 Free layouts have no slots, so instead of `encoder`'s slot windows every patch learns, through one linear head per
-attribute, what the scene's geometry puts there: whether an object covers it, that object's shape, colour and the
-colour and shape together, the side of the image the object is on, and how many objects the scene holds. Labels come
+attribute, what the scene's geometry puts there: whether an object covers it, that object's colour, the side of the
+image the object is on, and how many objects the scene holds. Labels come
 from the records' geometry (each object's centre and radius, the canvas size, as `varied_data` writes them;
 `synthetic`'s records give their slot and size instead), on the square the processor squashes every image to.
 
@@ -24,6 +24,7 @@ from torch import nn
 
 from . import synthetic
 from .encoder import SlotLabelDataset
+
 
 # Attribute -> its classes. "present" is 0 for a patch no object covers, whose object attributes are not scored;
 # "position" is the covering object's side ("none" on no side), or for an uncovered patch its own; "count" is the
