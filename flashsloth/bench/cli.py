@@ -1,12 +1,11 @@
 """`flashsloth bench` (and `python -m flashsloth.bench`): the command line of the speed benchmark."""
 
 import argparse
-import json
 import os
 import sys
 
 from ..cli_errors import CliError
-from .report import format_markdown, plot_report
+from .report import format_markdown, plot_report, write_report
 from .runner import BenchmarkSettings, run_benchmark
 from .workloads import ATTENTION_CHOICES, DTYPE_CHOICES, SIZES, VARIANTS
 
@@ -184,14 +183,7 @@ def run_bench(args: argparse.Namespace) -> None:
         report = run_benchmark(settings)
     except (ValueError, ImportError) as error:
         raise CliError(str(error).splitlines()[0]) from error
-    markdown = format_markdown(report)
-    sys.stdout.write(markdown)
-    if args.json:
-        with open(args.json, "w") as file:
-            json.dump(report, file, indent=2)
-    if args.markdown:
-        with open(args.markdown, "w") as file:
-            file.write(markdown)
+    write_report(report, format_markdown(report), args.json, args.markdown)
     if args.plot:
         plot_report(report, args.plot)
 

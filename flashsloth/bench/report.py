@@ -1,5 +1,7 @@
 """The benchmark's report: its goals, the markdown table and the PNG chart."""
 
+import json
+import sys
 from dataclasses import asdict, dataclass
 
 from .workloads import ADVANTAGE_KEYS, MODEL_LABELS, MODEL_NAMES, SMOLVLM_TILE_GRID, TILED_PEER, VARIANT_CROPS
@@ -215,6 +217,17 @@ def format_markdown(report: dict) -> str:
                 busy = f"; device busy {_format_ms(summary['device_busy_s'])} ({share:.0%})"
             lines.append(f"- {name}: {_format_ms(summary['wall_s'])}{busy}; `{summary['table']}`, `{summary['trace']}`")
     return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, markdown: str, json_path: str | None, markdown_path: str | None, indent: int = 2):
+    """Print the markdown table, and write the report as JSON and the table to the paths given (None: not written)."""
+    sys.stdout.write(markdown)
+    if json_path:
+        with open(json_path, "w") as file:
+            json.dump(report, file, indent=indent)
+    if markdown_path:
+        with open(markdown_path, "w") as file:
+            file.write(markdown)
 
 
 def plot_report(report: dict, path: str):

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 
+from ..bench.report import write_report
 from .worker import FORMATS
 
 
@@ -310,17 +311,6 @@ def plot_report(report: dict, path: str) -> None:
     plt.close(figure)
 
 
-def write_outputs(args: argparse.Namespace, report: dict, markdown: str) -> None:
-    """Print the table, and write it and the report where --markdown and --json ask."""
-    print(markdown, end="")
-    if args.json:
-        with open(args.json, "w") as output:
-            json.dump(report, output, indent=1)
-    if args.markdown:
-        with open(args.markdown, "w") as output:
-            output.write(markdown)
-
-
 def run_kernels(args: argparse.Namespace) -> None:
     from ..cli_errors import CliError
     from . import QuantizationUnavailableError, quantization_config
@@ -333,7 +323,7 @@ def run_kernels(args: argparse.Namespace) -> None:
     except QuantizationUnavailableError as error:
         raise CliError(str(error)) from error
     report = time_kernels(rows=(1, args.kernel_rows), repeats=max(args.repeats, 10), threads=args.threads)
-    write_outputs(args, report, format_kernels(report))
+    write_report(report, format_kernels(report), args.json, args.markdown, indent=1)
 
 
 def run_quant_bench(args: argparse.Namespace) -> None:
@@ -358,7 +348,7 @@ def run_quant_bench(args: argparse.Namespace) -> None:
         except QuantizationUnavailableError as error:
             raise CliError(str(error)) from error
     report = run_benchmark(args)
-    write_outputs(args, report, format_markdown(report))
+    write_report(report, format_markdown(report), args.json, args.markdown, indent=1)
     if args.plot:
         plot_report(report, args.plot)
 
