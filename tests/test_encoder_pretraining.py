@@ -158,6 +158,17 @@ def test_classifier_scores_every_patch(tiny_stage0):
     assert batch["object_labels"][0, 0, POOLED_ATTRIBUTES.index("shape")] == synthetic.SHAPES.index(shape)
 
 
+def test_patch_dataset_keeps_each_item_it_computed(tiny_stage0):
+    _, slot_dataset = tiny_stage0
+    dataset = PatchLabelDataset(slot_dataset.records, slot_dataset.image_folder, slot_dataset.image_processor, 9)
+    first = dataset[1]
+    assert dataset[1] is first and list(dataset.items) == [1]
+    fresh = dataset.load(1)
+    assert fresh is not first and fresh.keys() == first.keys()
+    for name in first:
+        torch.testing.assert_close(first[name], fresh[name], rtol=0, atol=0)
+
+
 def test_pretraining_changes_only_the_encoder_and_learns(tiny_stage0, tmp_path):
     model, dataset = tiny_stage0
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
