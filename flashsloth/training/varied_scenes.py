@@ -200,8 +200,10 @@ def _canvas(scene: VariedScene, scale: int, rng: random.Random) -> Image.Image:
         )
     image = Image.new("RGB", (width, height), scene.background_colors[0])
     if scene.background == "noise":
-        noise = Image.effect_noise((width, height), rng.uniform(8, 20)).convert("RGB")
-        image = Image.blend(image, noise, 0.15)
+        # Uniform grey noise from `rng` (PIL's `effect_noise` draws from C's global `rand()`, which no seed here sets:
+        # the same scene gave other pixels in another process).
+        noise = Image.frombytes("L", (width, height), rng.randbytes(width * height)).convert("RGB")
+        image = Image.blend(image, noise, rng.uniform(0.08, 0.2))
     return image
 
 
