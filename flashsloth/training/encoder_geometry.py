@@ -206,9 +206,7 @@ class PatchClassifier(nn.Module):
             targets = [labels[..., index] for index in range(len(PATCH_ATTRIBUTES))]
             targets += [object_labels[..., index] for index in range(len(POOLED_ATTRIBUTES))]
             output["loss"] = sum(
-                nn.functional.cross_entropy(
-                    attribute_logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX
-                )
+                nn.functional.cross_entropy(attribute_logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX)
                 for attribute_logits, target in zip(output["logits"], targets)
             )
         return output
