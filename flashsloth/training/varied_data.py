@@ -5,7 +5,7 @@ property drawn at random, in training wordings.
 A training scene is the `synthetic` generator's own layout (`base_share` of them) or varies each property of
 `varied_scenes.FAMILIES` (free positions, sizes, backgrounds, outlines, anti-aliasing, blur, JPEG, aspect ratio,
 colour shades) with probability `vary_share`, so that single variations and all of them at once both occur.
-Questions use `TRAINING_TEMPLATES`, which hold `synthetic`'s wordings and many others, never the evaluation's
+Questions use `TRAINING_TEMPLATES`, which hold `synthetic`'s wordings and others, never the evaluation's
 `HELD_OUT_TEMPLATES`. Records are written as `synthetic.generate_dataset` writes them, with the scene's geometry
 (each object's centre and radius, the canvas size) for stage 0's patch labels:
 
@@ -26,76 +26,25 @@ from .synthetic import CAPTION_PROMPTS, NUMBER_WORDS, POSITIONS, QUESTION_KINDS,
 from .varied_scenes import FAMILIES, HELD_OUT_TEMPLATES, VariedScene, render_varied_scene, sample_scene_varying
 
 
-# Training wordings: every frame of a kind with each way of naming its object, with and without the final mark, as
-# users write (`{obj}` is the object's phrase). The frames and phrases avoid the evaluation's held-out wordings and
-# their telling words ("located", "kind of shape", "Count"), which no training wording holds (a test checks). Many
-# wordings built from common parts teach a tiny language model the kind of a question from its structure (count
-# questions name no colour or shape, existence questions ask yes or no) rather than from a few whole sentences.
-WORDING_FRAMES = {
-    "color": ("What color is {obj}?", "Which color does {obj} have?", "What colour is {obj}?", "Which colour is {obj}?",
-              "Which color is {obj}?", "What color does {obj} have?", "Name the color of {obj}.",
-              "Give the colour of {obj}.", "Color of {obj}?", "{obj} is what color?", "In what color is {obj} drawn?",
-              "Say which colour {obj} has."),
-    "shape": ("What shape is {obj}?", "What is the shape of {obj}?", "What shape does {obj} have?",
-              "Which shape does {obj} have?", "Name the shape of {obj}.", "Shape of {obj}?",
-              "Is {obj} a circle, a square or a triangle?", "What form does {obj} have?", "{obj} has what shape?",
-              "Give the shape of {obj}."),
-    "count": ("How many {obj} are there?", "How many {obj} are in the image?", "How many {obj} does the image have?",
-              "How many {obj} can you find?", "What is the number of {obj}?", "Tell me the number of {obj}.",
-              "Number of {obj}?", "How many {obj}?", "How many {obj} are drawn?", "How many {obj} are shown?",
-              "How many {obj} does the picture contain?", "Give the number of {obj} in the image."),
-    "exist": ("Is there {obj}?", "Does the image contain {obj}?", "Is there {obj} in the image?", "Do you see {obj}?",
-              "Does the picture show {obj}?", "Does the image have {obj}?", "Does the picture contain {obj}?",
-              "Is {obj} present?", "Is {obj} visible?", "Is there {obj} anywhere?", "Does the scene have {obj}?",
-              "Tell me if there is {obj}.", "Any {color} {shape}?"),
-    "position": ("Where is {obj}?", "In which part of the image is {obj}?", "Where is {obj} in the image?",
-                 "Which side is {obj} on?", "Where can you find {obj}?", "Position of {obj}?", "Where is {obj} placed?",
-                 "In what part of the picture is {obj}?", "Tell me where {obj} is.", "What is the position of {obj}?",
-                 "Where does {obj} sit?", "Which part of the image holds {obj}?"),
+# `synthetic`'s wordings first (the base evaluation asks those), then other training wordings: none of them is a
+# held-out one (a test checks), and some have no question mark, as users write.
+TRAINING_TEMPLATES = {
+    "color": QUESTION_TEMPLATES["color"]
+    + ("Which colour is the {shape}?", "The {shape} is what color?", "Name the color of the {shape}.",
+       "{shape} color?"),
+    "shape": QUESTION_TEMPLATES["shape"]
+    + ("What is the shape of the {color} object?", "Which shape has the color {color}?", "Name the {color} shape.",
+       "What {color} shape is there?"),
+    "count": QUESTION_TEMPLATES["count"]
+    + ("How many objects are there?", "What is the number of shapes?", "How many shapes are in the picture?",
+       "Number of shapes?"),
+    "exist": QUESTION_TEMPLATES["exist"]
+    + ("Is there {article} {color} {shape} in the image?", "Do you see {article} {color} {shape}?",
+       "Does the picture show {article} {color} {shape}?", "Any {color} {shape}?"),
+    "position": QUESTION_TEMPLATES["position"]
+    + ("Where is the {color} {shape} in the image?", "Which side is the {color} {shape} on?",
+       "Where can you find the {color} {shape}?", "Position of the {color} {shape}?"),
 }  # fmt: skip
-# How each frame names the question's object.
-OBJECT_PHRASES = {
-    "color": ("the {shape}", "the {shape} shape", "the {shape} in the image"),
-    "shape": ("the {color} object", "the {color} one", "the {color} thing"),
-    "count": ("shapes", "objects", "things", "figures"),
-    "exist": ("{article} {color} {shape}", "{article} {color} {shape} shape"),
-    "position": ("the {color} {shape}", "the {color} {shape} shape"),
-}
-# Share of training questions in `synthetic`'s own wordings (which the base evaluation asks); the others are drawn
-# from all of `TRAINING_TEMPLATES`.
-SYNTHETIC_WORDING_SHARE = 0.25
-
-
-def compose_wordings(kind: str) -> tuple[str, ...]:
-    """`synthetic`'s wordings of `kind`, then every frame with every object phrase, with and without its final mark
-    (first letter capitalised), less the held-out wordings (also without their punctuation)."""
-    held_out = {normalized_wording(template) for template in HELD_OUT_TEMPLATES[kind]}
-    wordings = dict.fromkeys(QUESTION_TEMPLATES[kind])
-    for frame in WORDING_FRAMES[kind]:
-        for phrase in OBJECT_PHRASES[kind]:
-            wording = frame.replace("{obj}", phrase)
-            wording = wording[0].upper() + wording[1:]
-            for variant in (wording, wording.rstrip("?.")):
-                if normalized_wording(variant) not in held_out:
-                    wordings.setdefault(variant)
-    return tuple(wordings)
-
-
-def normalized_wording(template: str) -> str:
-    return template.lower().rstrip("?.")
-
-
-TRAINING_TEMPLATES = {kind: compose_wordings(kind) for kind in QUESTION_KINDS}
-
-
-def training_wordings(rng: random.Random, kind: str) -> dict[str, tuple[str, ...]]:
-    """The wordings `synthetic.ask` picks from for one training question: `synthetic`'s own in
-    `SYNTHETIC_WORDING_SHARE` of the draws, else all of `TRAINING_TEMPLATES[kind]`."""
-    if rng.random() < SYNTHETIC_WORDING_SHARE:
-        return {kind: QUESTION_TEMPLATES[kind]}
-    return {kind: TRAINING_TEMPLATES[kind]}
-
-
 # The properties a training scene may vary (every family but the layout itself, the wording and the mix).
 VARIED_PROPERTIES = tuple(family for family in FAMILIES if family not in ("base", "wording", "mixed"))
 # Training drawings at these short sides when the aspect ratio varies (the evaluation's go up to 320 pixels: every
@@ -197,14 +146,14 @@ def generate_varied_dataset(
         kind = "caption" if stage == 1 else kinds[index % len(kinds)]
         turn = None
         if stage == 2 and scene is not None and used < questions_per_image:
-            turn = ask(scene, kind, rng, templates=training_wordings(rng, kind))
+            turn = ask(scene, kind, rng, templates=TRAINING_TEMPLATES)
         if turn is None:
             while turn is None:
                 scene = sample_training_scene(rng, base_share, vary_share)
                 turn = (
                     (rng.choice(CAPTION_PROMPTS), describe_varied(scene))
                     if stage == 1
-                    else ask(scene, kind, rng, templates=training_wordings(rng, kind))
+                    else ask(scene, kind, rng, templates=TRAINING_TEMPLATES)
                 )
             image = render_varied_scene(scene, rng).resize((save_size, save_size), resample=Image.Resampling.BICUBIC)
             image_path = f"images/{sample_id}.png"
