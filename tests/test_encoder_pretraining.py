@@ -140,10 +140,10 @@ def test_classifier_scores_every_patch(tiny_stage0):
     items = [dataset[index] for index in range(2)]
     batch = {name: torch.stack([item[name] for item in items]) for name in items[0]}
     output = classifier(**batch)
-    # Every attribute is scored on every patch, shape and colour+shape also on each object's pooled patches (up to 4).
+    # Shape and colour+shape are scored on each object's pooled patches (up to 4 objects), the others on every patch.
     assert [tuple(logits.shape) for logits in output["logits"]] == [
-        (2, 81, len(classes)) for classes in PATCH_ATTRIBUTES.values()
-    ] + [(2, MAX_OBJECTS, len(PATCH_ATTRIBUTES[name])) for name in POOLED_ATTRIBUTES]
+        (2, MAX_OBJECTS if name in POOLED_ATTRIBUTES else 81, len(classes)) for name, classes in PATCH_ATTRIBUTES.items()
+    ]
     assert output["loss"].ndim == 0 and torch.isfinite(output["loss"])
     # The pooled features are each object's patch features weighted by its coverage, which sums to its area.
     record = dataset.records[0]
@@ -151,11 +151,9 @@ def test_classifier_scores_every_patch(tiny_stage0):
     assert (batch["object_labels"][0, len(record["objects"]) :] == IGNORE_INDEX).all()
     features = model.model.vision_tower(batch["pixel_values"]).last_hidden_state
     first = batch["object_coverage"][0, 0]
-    pooled_shape = POOLED_ATTRIBUTES.index("shape")
-    expected = classifier.pooled_heads[pooled_shape]((first[:, None] * features[0]).sum(0) / first.sum())
-    torch.testing.assert_close(output["logits"][len(PATCH_ATTRIBUTES) + pooled_shape][0, 0], expected)
-    patch_shape = list(PATCH_ATTRIBUTES).index("shape")
-    torch.testing.assert_close(output["logits"][patch_shape][0], classifier.heads[patch_shape](features[0]))
+    shape_head = classifier.heads[list(PATCH_ATTRIBUTES).index("shape")]
+    expected = shape_head((first[:, None] * features[0]).sum(0) / first.sum())
+    torch.testing.assert_close(output["logits"][list(PATCH_ATTRIBUTES).index("shape")][0, 0], expected)
     shape = record["objects"][0]["shape"]
     assert batch["object_labels"][0, 0, POOLED_ATTRIBUTES.index("shape")] == synthetic.SHAPES.index(shape)
 

@@ -2,17 +2,16 @@
 Stage 0 on varied drawings (the demo recipe's `training_data="varied"`): labels for every patch from the scene geometry.
 
 Free layouts have no slots, so instead of `encoder`'s slot windows every patch learns, through one linear head per
-attribute, what the scene's geometry puts there: whether an object covers it, that object's shape, colour, and
-colour and shape together, the side of the image the object is on, and how many objects the scene holds. Labels come
+attribute, what the scene's geometry puts there: whether an object covers it, that object's colour, the side of the
+image the object is on, and how many objects the scene holds. Labels come
 from the records' geometry (each object's centre and radius, the canvas size, as `varied_data` writes them;
 `synthetic`'s records give their slot and size instead), on the square the processor squashes every image to.
 
-Shape, and colour and shape together, are also scored per object: on the mean of the features of the patches its
+Shape, and colour and shape together, are scored per object instead: on the mean of the features of the patches its
 region covers, weighted by how much of each it covers (`object_coverage`). A patch inside a large filled shape cannot
 tell the shape from its own pixels; the object's patches together can, and EmbQ's attention and SAP read an object
 through such means. With the same 2000 steps, a linear probe on those means finds 76 % of shapes on varied drawings
-after the pooled objective, 53 % after shape labels on every patch (docs/demo-model.md). The per-patch labels stay:
-without them, questions that find an object by its shape (the colour of the circle) fell from 96 % to 75 %. Train with
+after this objective, 53 % after shape labels on every patch (docs/demo-model.md). Train with
 `encoder.pretrain_encoder(..., classifier=PatchClassifier(vision_tower))`.
 """
 
@@ -40,7 +39,7 @@ PATCH_ATTRIBUTES = {
     "count": ("1", "2", "3", "4"),
 }
 OBJECT_ATTRIBUTES = ("shape", "color", "object")
-# Also scored on each object's pooled patches (see the module docstring).
+# Scored on each object's pooled patches, not on every patch (see the module docstring).
 POOLED_ATTRIBUTES = ("shape", "object")
 MAX_OBJECTS = len(synthetic.POSITIONS)
 COVERAGE_SUPERSAMPLING = 4  # object regions are drawn at this multiple of the encoder's input to measure coverage
@@ -175,19 +174,16 @@ class PatchLabelDataset(SlotLabelDataset):
 
 
 class PatchClassifier(nn.Module):
-    """The encoder of a FlashSloth model with a linear head per attribute on every patch, and one per
+    """The encoder of a FlashSloth model with a linear head per attribute: on every patch, or for
     `POOLED_ATTRIBUTES` on each object's coverage-weighted mean patch; `forward` returns `{"loss", "logits"}` as the
-    `Trainer` expects (`logits`: one `(batch, patches, classes)` tensor per attribute of `PATCH_ATTRIBUTES`, then one
-    `(batch, MAX_OBJECTS, classes)` per pooled attribute)."""
+    `Trainer` expects (`logits`: one tensor per attribute of `PATCH_ATTRIBUTES`, `(batch, patches, classes)` or
+    `(batch, MAX_OBJECTS, classes)`)."""
 
     def __init__(self, vision_tower: nn.Module):
         super().__init__()
         self.vision_tower = vision_tower
         hidden_size = vision_tower.config.hidden_size
         self.heads = nn.ModuleList(nn.Linear(hidden_size, len(classes)) for classes in PATCH_ATTRIBUTES.values())
-        self.pooled_heads = nn.ModuleList(
-            nn.Linear(hidden_size, len(PATCH_ATTRIBUTES[name])) for name in POOLED_ATTRIBUTES
-        )
 
     def forward(
         self,
@@ -199,14 +195,18 @@ class PatchClassifier(nn.Module):
         features = self.vision_tower(pixel_values).last_hidden_state  # (batch, grid * grid, hidden)
         weights = object_coverage / object_coverage.sum(dim=-1, keepdim=True).clamp(min=1e-6)
         object_features = weights @ features  # (batch, MAX_OBJECTS, hidden)
-        patch_logits = tuple(head(features) for head in self.heads)
-        pooled_logits = tuple(head(object_features) for head in self.pooled_heads)
-        output = {"logits": patch_logits + pooled_logits}
+        logits = tuple(
+            head(object_features if name in POOLED_ATTRIBUTES else features)
+            for name, head in zip(PATCH_ATTRIBUTES, self.heads)
+        )
+        output = {"logits": logits}
         if labels is not None:
-            targets = [labels[..., index] for index in range(len(PATCH_ATTRIBUTES))]
-            targets += [object_labels[..., index] for index in range(len(POOLED_ATTRIBUTES))]
+            targets = [
+                object_labels[..., POOLED_ATTRIBUTES.index(name)] if name in POOLED_ATTRIBUTES else labels[..., index]
+                for index, name in enumerate(PATCH_ATTRIBUTES)
+            ]
             output["loss"] = sum(
                 nn.functional.cross_entropy(attribute_logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX)
-                for attribute_logits, target in zip(output["logits"], targets)
+                for attribute_logits, target in zip(logits, targets)
             )
         return output
