@@ -60,8 +60,8 @@ def add_commands(subparsers) -> None:
         choices=TRAINING_DATA,
         default="synthetic",
         help="The recipe whose defaults the options below change: synthetic (the embedded model's, on the original "
-        "generator's four slots) or varied (on drawings that vary every property, see docs/demo-model.md; its one "
-        "full run did not reach the embedded model's accuracy). Default: %(default)s.",
+        "generator's four slots) or varied (on drawings that vary every property, see docs/demo-model.md; its "
+        "full runs have not reached the embedded model's accuracy). Default: %(default)s.",
     )
     varied = recipe_defaults("varied")
     for name, value in varied.items():
